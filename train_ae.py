@@ -129,11 +129,11 @@ def interval_means(history, world):
     return dict(zip(names, values.tolist()))
 
 
-def step_noise(seed, step, shape, device):
-    """Noise for a whole GLOBAL batch, drawn from a generator seeded by (seed, step); each rank takes its slice.
-    The run is then the same for any number of ranks and resumes without replaying random streams."""
-    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-    return torch.randn(shape, generator=gen, device=device)
+def step_generator(seed, step, device):
+    """The training step's random numbers come from a generator seeded by (seed, step) and are drawn for the whole
+    GLOBAL batch; rank r takes rows r, r + world, ..., the samples data.infinite_loader gives it. A run is then the same for any number of ranks and resumes exactly
+    without replaying random streams."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def main(args):
     if gb % world:
         raise SystemExit(f"train_ae.py: --global-batch-size {gb} does not split over {world} ranks")
     batch = gb // world
-    torch.manual_seed(seed * world + rank)
+    torch.manual_seed(seed)  # the same initial weights on every rank and for every world size
     log = Logger(os.path.join(cfg["out_dir"], "metrics.jsonl"), rank)
     if rank == 0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -234,12 +234,14 @@ def main(args):
     if disc is not None:
         d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg["disc_lr"] * gb / 256, betas=(0.9, 0.95),
                                   weight_decay=cfg["weight_decay"], fused=fused)
+    torch.manual_seed(seed * world + rank)  # per-rank streams from here on (sampling noise and data have their own)
     if state:
         opt.load_state_dict(state["opt"])
         if disc is not None:
             disc.load_state_dict(state["disc"])
             d_opt.load_state_dict(state["disc_opt"])
-        set_rng_state(state["rng"])
+        if len(state["rng"]) == world:
+            set_rng_state(state["rng"][rank])
 
     # Compile, then DDP; the raw modules are kept for EMA, grids and checkpoints (no _orig_mod./module. prefixes).
     model_fwd = torch.compile(model) if cfg["compile"] else model
@@ -271,7 +273,8 @@ def main(args):
         lr = lr_at(step, steps, peak)
         for group in opt.param_groups:
             group["lr"] = lr
-        noise = step_noise(seed, step, noise_shape, device)[rank * batch:(rank + 1) * batch]
+        gen = step_generator(seed, step, device)
+        noise = torch.randn(noise_shape, generator=gen, device=device)[rank::world]  # rows of this rank's samples
 
         # Generator / autoencoder step: Eq. 1, L = MSE + beta KL + eta LPIPS + lambda GAN.
         with autocast(device, cfg["precision"]):
@@ -323,9 +326,12 @@ def main(args):
                     save_grid(os.path.join(cfg["out_dir"], f"recon_{done:07d}.png"), x_vis, ema(x_vis)[0])
         if done % cfg["ckpt_every"] == 0 or done == steps:
             check_finite(first_bad, world, last_ckpt)  # never write a poisoned checkpoint
+            rngs = [rng_state()] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
             if rank == 0:
                 ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "step": done, "config": cfg,
-                        "opt": opt.state_dict(), "rng": rng_state()}
+                        "opt": opt.state_dict(), "rng": rngs}
                 if disc is not None:
                     ckpt.update(disc=disc.state_dict(), disc_opt=d_opt.state_dict())
                 save_checkpoint(cfg["ckpt"], ckpt)
