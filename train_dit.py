@@ -46,13 +46,15 @@ class LatentCache(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key  # infinite_loader's keys are (index, augmentation seed)
         return torch.from_numpy(self.moments[i].astype(np.float32)), int(self.labels[i])
 
 
 @torch.no_grad()
 def write_latent_cache(root, ae, dataset, cfg, rank, world, device):
-    """Encode every sample once (eval transform, posterior moments); ranks fill disjoint rows of one memmap."""
+    """Encode every sample once (eval transform: centre crops, no augmentation, as DiT's feature extraction; for
+    "synthetic" that is its 1,000-image eval stream); ranks fill disjoint rows of one memmap."""
     from tqdm import tqdm
     n, grid = len(dataset), ae.grid((cfg["num_frames"], cfg["image_size"], cfg["image_size"]))
     shape = (n, grid[0] * grid[1] * grid[2], 2 * ae.channels)

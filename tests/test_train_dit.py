@@ -1,0 +1,86 @@
+"""train_dit.py: the tiny chain from a tokenizer checkpoint, resume equivalence, the latent cache, unlabelled data."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_dit
+import vitok
+
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ae") / "ae.pt"
+    model = vitok.from_name("tiny", channels=4)
+    config = {"kind": "ae", "model": "tiny", "channels": 4, "image_size": 32, "num_frames": 1}
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "config": config}, path)
+    return path
+
+
+def run(tmp_path, ae_ckpt, *extra, name="dit.pt"):
+    argv = ["--preset", "tiny", "--ae-ckpt", ae_ckpt, "--global-batch-size", 8, "--workers", 0, "--log-every", 1,
+            "--sample-steps", 2, "--ckpt", tmp_path / name, "--out-dir", tmp_path / "logs", *extra]
+    train_dit.main(train_dit.parse_args([str(a) for a in argv]))
+    return torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+
+
+def test_tiny_chain_writes_a_dit_checkpoint_with_its_latent_grid(tmp_path, ae_ckpt):
+    state = run(tmp_path, ae_ckpt, "--steps", 3)
+    config = state["config"]
+    assert config["kind"] == "dit" and config["grid"] == [1, 4, 4] and config["num_classes"] == 10
+    assert config["channels"] == 4 and config["ae_ckpt"] == str(ae_ckpt) and state["step"] == 3
+    logged = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
+    assert len(logged) == 3 and {"loss", "mse", "vb", "z_mean", "z_std"} <= set(logged[0])
+    assert (tmp_path / "logs" / "samples_0000003.png").exists()
+
+
+def test_killed_and_resumed_run_matches(tmp_path, ae_ckpt, monkeypatch):
+    full = run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="full.pt")
+    real = train_dit.update_ema
+    calls = {"n": 0}
+
+    def crash(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        real(*args)
+
+    monkeypatch.setattr(train_dit, "update_ema", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="resumed.pt")
+    monkeypatch.setattr(train_dit, "update_ema", real)
+    resumed = run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="resumed.pt")
+    for key in ("model", "ema"):
+        torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
+
+
+def test_latent_cache_holds_the_posterior_moments(tmp_path, ae_ckpt):
+    cache = tmp_path / "cache"
+    run(tmp_path, ae_ckpt, "--steps", 2, "--latent-cache", cache, "--data", "synthetic")
+    moments = np.load(cache / "moments.npy")
+    labels = np.load(cache / "labels.npy")
+    assert moments.shape == (1000, 16, 8) and labels[:12].tolist() == [i % 10 for i in range(12)]
+    import data
+    ae = vitok.from_checkpoint(ae_ckpt)
+    x = data.build_dataset("synthetic", 32)[5][0]
+    posterior = ae.encode(x[None])
+    expected = torch.cat([posterior.mean, posterior.logvar], -1)[0].detach().numpy()
+    np.testing.assert_allclose(moments[5], expected, rtol=1e-2, atol=1e-2)  # stored in fp16
+
+
+def test_unlabelled_folder_trains_with_the_null_class(tmp_path, ae_ckpt, capsys):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((32, 32, 3), 30 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    state = run(tmp_path, ae_ckpt, "--steps", 1, "--data", folder)
+    assert state["config"]["num_classes"] == 0 and state["model"]["y_embed.weight"].shape[0] == 1
+    assert "null class only" in capsys.readouterr().out
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="train_ae.py --preset tiny"):
+        train_dit.resolve_config(train_dit.parse_args(["--preset", "tiny", "--ae-ckpt", str(tmp_path / "none.pt")]))
