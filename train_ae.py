@@ -151,12 +151,12 @@ DEFAULTS = dict(
 PRESETS = {
     # CPU demo: tiny model on synthetic 64x64 images, a few minutes on 2 cores. No LPIPS (needs VGG16 weights).
     "tiny": dict(model="tiny", data="synthetic", image_size=64, global_batch_size=32, steps=1200, lr=8e-3,
-                 lpips_weight=0.0, ema=0.999, precision="fp32", workers=2, log_every=50, ckpt_every=300,
-                 sample_every=600),
+                 lpips_weight=0.0, gan_ramp=200, ema=0.999, precision="fp32", workers=2, log_every=50,
+                 ckpt_every=300, sample_every=600),
     # The same for 4-frame 32x32 synthetic clips with 2x8x8 tubelets.
     "tiny-video": dict(model="T-T/2x8", data="synthetic", image_size=32, num_frames=4, global_batch_size=16,
-                       steps=1200, lr=8e-3, lpips_weight=0.0, ema=0.999, precision="fp32", workers=2,
-                       log_every=50, ckpt_every=300, sample_every=600),
+                       steps=1200, lr=8e-3, lpips_weight=0.0, gan_ramp=200, ema=0.999, precision="fp32",
+                       workers=2, log_every=50, ckpt_every=300, sample_every=600),
 }
 
 
@@ -255,8 +255,7 @@ def main(args):
 
     dataset = data.build_dataset(cfg["data"], cfg["image_size"], cfg["num_frames"], train=True)
     loader = data.infinite_loader(dataset, batch, rank, world, seed, start_step=start, num_workers=cfg["workers"])
-    x_vis = torch.stack([data.build_dataset(cfg["data"], cfg["image_size"], cfg["num_frames"])[i][0]
-                         for i in range(8)]).to(device)  # a fixed eval batch for the reconstruction grids
+    x_vis = torch.stack([dataset[i][0] for i in range(8)]).to(device)  # fixed samples for the reconstruction grids
     tokens = model.grid((cfg["num_frames"], cfg["image_size"], cfg["image_size"]))
     noise_shape = (gb, tokens[0] * tokens[1] * tokens[2], cfg["channels"])
     if rank == 0:

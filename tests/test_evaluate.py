@@ -197,3 +197,30 @@ def test_dit_checkpoint_samples_and_scores(ae_ckpt, fid_file, tmp_path):
     assert {"gfid", "gis"} <= set(report) and report["num_samples"] == 4 and np.isfinite(report["gfid"])
     samples = np.load(tmp_path / "dit_samples.npz")["arr_0"]
     assert samples.shape == (4, 32, 32, 3) and samples.dtype == np.uint8
+
+
+class StandInI3D(torch.nn.Module):
+    """A TorchScript module with the call signature of StyleGAN-V's i3d_torchscript.pt (the real one cannot be had
+    here): it checks the input layout and returns 400-d features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 16, 400)
+
+    def forward(self, x: torch.Tensor, rescale: bool, resize: bool, return_features: bool) -> torch.Tensor:
+        assert x.shape[1] == 3 and x.shape[-2:] == (224, 224) and not rescale and not resize and return_features
+        pooled = F.adaptive_avg_pool3d(x, (1, 4, 4)).flatten(1)  # [B, 3*16]
+        return self.proj(pooled)
+
+
+def test_video_tokenizer_reports_per_frame_metrics_and_rfvd(tmp_path):
+    torch.manual_seed(0)
+    model = vitok.from_name("T-T/2x8", channels=4)
+    config = {"kind": "ae", "model": "T-T/2x8", "channels": 4, "image_size": 32, "num_frames": 4}
+    torch.save({"model": model.state_dict(), "step": 1, "config": config}, tmp_path / "v.pt")
+    torch.jit.script(StandInI3D()).save(str(tmp_path / evaluate.I3D_FILE))
+    run("--ckpt", tmp_path / "v.pt", "--data", "synthetic", "--num-samples", 6, "--workers", 0,
+        "--i3d-weights", tmp_path / evaluate.I3D_FILE, "--json", tmp_path / "v.json")
+    report = json.load(open(tmp_path / "v.json"))
+    assert {"psnr", "ssim", "rfvd"} <= set(report) and report["weights"]["model"] == "model"
+    assert report["num_samples"] == 6 and np.isfinite(report["rfvd"]) and report["rfvd"] > 0

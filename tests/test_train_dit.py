@@ -84,3 +84,17 @@ def test_unlabelled_folder_trains_with_the_null_class(tmp_path, ae_ckpt, capsys)
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="train_ae.py --preset tiny"):
         train_dit.resolve_config(train_dit.parse_args(["--preset", "tiny", "--ae-ckpt", str(tmp_path / "none.pt")]))
+
+
+def test_video_latents_train_and_sample(tmp_path):
+    import evaluate
+    torch.manual_seed(0)
+    model = vitok.from_name("T-T/2x8", channels=4)
+    config = {"kind": "ae", "model": "T-T/2x8", "channels": 4, "image_size": 32, "num_frames": 4}
+    torch.save({"model": model.state_dict(), "step": 1, "config": config}, tmp_path / "v.pt")
+    state = run(tmp_path, tmp_path / "v.pt", "--steps", 2, name="vdit.pt")
+    assert state["config"]["grid"] == [2, 4, 4] and state["config"]["num_frames"] == 4
+    evaluate.main(evaluate.parse_args(["--ckpt", str(tmp_path / "vdit.pt"), "--num-samples", "3", "--steps", "2",
+                                       "--workers", "0", "--inception-weights", str(tmp_path / "none.pth")]))
+    samples = np.load(tmp_path / "vdit_samples.npz")["arr_0"]
+    assert samples.shape == (3, 4, 32, 32, 3) and samples.dtype == np.uint8  # NTHWC

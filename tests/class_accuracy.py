@@ -1,0 +1,86 @@
+"""Are a DiT's samples of the class they were asked for? (A measurement, not collected by pytest.)
+
+Trains a small CNN on the synthetic images, checks it on held-out synthetic images, then classifies class-conditional
+samples of a train_dit.py checkpoint on synthetic data and prints their accuracy against chance (10%).
+
+    python train_ae.py --preset tiny && python train_dit.py --preset tiny
+    python tests/class_accuracy.py --ckpt dit.pt
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import dit  # noqa: E402
+import vitok  # noqa: E402
+
+
+def classifier():
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+    return nn.Sequential(block(3, 32), block(32, 64), block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 10))
+
+
+def accuracy(net, x, y):
+    net.eval()
+    with torch.no_grad():
+        return (net(x).argmax(1) == y).float().mean().item()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", default="dit.pt")
+    p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--train-steps", type=int, default=300, help="classifier steps")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    cfg = ckpt["config"]
+    if cfg["data"] != "synthetic" or cfg["num_frames"] != 1:
+        raise SystemExit(f"{args.ckpt} was not trained on synthetic images")
+    size = cfg["image_size"]
+
+    start = time.time()
+    train = data.build_dataset("synthetic", size, train=True)
+    net = classifier()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    loader = data.infinite_loader(train, 64, num_workers=2)
+    for _ in range(args.train_steps):
+        x, y = next(loader)
+        net.train()
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    held_out = data.build_dataset("synthetic", size)
+    xs, ys = zip(*[held_out[i] for i in range(500)])
+    real_acc = accuracy(net, torch.stack(xs), torch.tensor(ys))
+    print(f"classifier: {real_acc:.1%} on 500 held-out synthetic images ({time.time() - start:.0f}s)")
+
+    ae = vitok.from_checkpoint(cfg["ae_ckpt"])
+    model = dit.DiT_models[cfg["model"]](channels=cfg["channels"], grid=tuple(cfg["grid"]),
+                                         num_classes=cfg["num_classes"])
+    model.load_state_dict(ckpt["ema"])
+    model.eval()
+    y = torch.arange(10).repeat_interleave(args.per_class)
+    L = cfg["grid"][0] * cfg["grid"][1] * cfg["grid"][2]
+    z = torch.randn(len(y), L, cfg["channels"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        latents = dit.sample(model, z, y, steps=args.steps, cfg_scale=args.cfg_scale, progress=True)
+        samples = ae.decode(latents / cfg["latent_scale"], (size, size)).clamp(-1, 1)
+    acc = accuracy(net, samples, y)
+    print(f"samples: {acc:.1%} of {len(y)} class-conditional samples classified as their class "
+          f"(chance 10%; cfg {args.cfg_scale}, {args.steps} DDIM steps, {args.ckpt} at step {ckpt['step']})")
+
+
+if __name__ == "__main__":
+    main()
