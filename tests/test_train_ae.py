@@ -39,7 +39,7 @@ def test_lr_schedule_warms_up_then_decays_to_final():
 
 def test_presets_only_override_and_flags_win():
     cfg = train_ae.resolve_config(train_ae.parse_args(["--preset", "tiny", "--steps", "7"]))
-    assert (cfg["model"], cfg["steps"], cfg["data"], cfg["lpips_weight"]) == ("tiny", 7, "synthetic", 0.0)
+    assert (cfg["model"], cfg["steps"], cfg["data"], cfg["lpips_weight"]) == ("T-T/16", 7, "synthetic", 0.0)
     assert cfg["beta"] == 1e-3 and cfg["kind"] == "ae" and cfg["ckpt"] == "ae.pt"
     paper = train_ae.resolve_config(train_ae.parse_args(["--data", "x", "--num-frames", "16", "--stage", "2"]))
     assert (paper["model"], paper["global_batch_size"], paper["lr"], paper["gan_weight"]) == ("S-B/16", 128, 1e-4, 0.05)
@@ -142,7 +142,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
 
 
 def test_tiny_run_learns(tmp_path):
-    run(tmp_path, "--steps", 120, "--log-every", 20, "--ckpt-every", 120, "--sample-every", 120)
+    run(tmp_path, "--model", "T-T/8", "--steps", 120, "--log-every", 10, "--ckpt-every", 120, "--sample-every", 120)
     logged = metrics(tmp_path / "logs/metrics.jsonl")
     assert logged[-1]["mse"] < logged[0]["mse"] / 4, (logged[0]["mse"], logged[-1]["mse"])
     assert all(math.isfinite(m["grad_norm"]) for m in logged)
