@@ -144,7 +144,7 @@ DEFAULTS = dict(
     global_batch_size=None,  # stage 1: 1024 images / 256 videos; stage 2: 256 / 128
     steps=100_000, ckpt=None, init=None, out_dir=None,
     lr=1e-4,  # peak lr for a global batch of 256, scaled linearly with the batch
-    beta=1e-3, lpips_weight=1.0, gan_weight=0.05, gan_ramp=25_000, disc_lr=2e-5,
+    beta=1e-3, lpips_weight=1.0, gan_weight=0.05, gan_ramp=25_000, disc_lr=2e-5, disc_channels=64,
     weight_decay=1e-4, grad_clip=1.0, ema=0.9999, precision="bf16", compile=False, grad_ckpt=False,
     workers=8, seed=0, log_every=100, ckpt_every=2_000, sample_every=5_000,
 )
@@ -152,12 +152,12 @@ PRESETS = {
     # CPU demo: a tiny model with 16x16 patches on synthetic 64x64 images (16 tokens of 16 channels), about five
     # minutes on 2 cores. No LPIPS (it needs the VGG16 weights).
     "tiny": dict(model="T-T/16", data="synthetic", image_size=64, global_batch_size=32, steps=1000, lr=24e-3,
-                 lpips_weight=0.0, gan_ramp=200, ema=0.999, precision="fp32", workers=2, log_every=50,
-                 ckpt_every=300, sample_every=600),
+                 lpips_weight=0.0, gan_ramp=200, disc_channels=16, ema=0.999, precision="fp32", workers=2,
+                 log_every=50, ckpt_every=300, sample_every=600),
     # The same for 4-frame 32x32 synthetic clips with 2x8x8 tubelets.
     "tiny-video": dict(model="T-T/2x8", data="synthetic", image_size=32, num_frames=4, global_batch_size=16,
-                       steps=1000, lr=24e-3, lpips_weight=0.0, gan_ramp=200, ema=0.999, precision="fp32",
-                       workers=2, log_every=50, ckpt_every=300, sample_every=600),
+                       steps=1000, lr=24e-3, lpips_weight=0.0, gan_ramp=200, disc_channels=16, ema=0.999,
+                       precision="fp32", workers=2, log_every=50, ckpt_every=300, sample_every=600),
 }
 
 
@@ -200,7 +200,7 @@ def main(args):
         print("LPIPS is off (--lpips-weight 0): the loss is MSE + beta KL"
               + (" + GAN" if stage == 2 else "") + "; no VGG16 weights needed", flush=True)
     model = vitok.from_name(cfg["model"], channels=cfg["channels"], grad_ckpt=cfg["grad_ckpt"]).to(device)
-    disc = losses.Discriminator(cfg["image_size"]).to(device) if stage == 2 else None
+    disc = losses.Discriminator(cfg["image_size"], cfg["disc_channels"]).to(device) if stage == 2 else None
 
     # Load: resume from --ckpt when it exists, else (stage 2) start from the stage-1 weights of --init.
     state, start = None, 0
@@ -373,6 +373,7 @@ def parse_args(argv=None):
     p.add_argument("--gan-weight", type=float, help="lambda, stage 2 (default 0.05, the paper's ablation)")
     p.add_argument("--gan-ramp", type=int, help="steps over which lambda ramps up from 0 (default 25k)")
     p.add_argument("--disc-lr", type=float, help="discriminator lr for a batch of 256 (default 2e-5)")
+    p.add_argument("--disc-channels", type=int, help="discriminator width at full resolution (default 64)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema", type=float, help="EMA decay (default 0.9999)")
