@@ -458,8 +458,10 @@ def main(args):
         fail(f"{args.ckpt} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "
              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
     if kind == "ae":
-        if args.data is None:
-            fail("--data is required to evaluate a tokenizer (a folder or 'synthetic')")
+        if args.data is None:  # default to the training source ("synthetic" has a separate eval stream)
+            args.data = ckpt["config"]["data"]
+            if rank == 0:
+                print(f"no --data: evaluating on the training source {args.data} (pass --data for held-out images)")
         results, n, used, shown = evaluate_tokenizer(args, ckpt, rank, world, device)
     elif kind == "dit":
         results, n, used, shown = evaluate_generator(args, ckpt, rank, world, device)

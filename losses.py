@@ -45,7 +45,8 @@ class LPIPS(nn.Module):
                 except Exception as err:
                     raise FileNotFoundError(
                         f"LPIPS needs torchvision's VGG16 weights {VGG_FILE}: put the file in {folder} (it could not "
-                        f"be downloaded from {VGG_URL}: {err}); train_ae.py --lpips-weight 0 trains without LPIPS") from None
+                        f"be downloaded from {VGG_URL}: {err}); train_ae.py --lpips-weight 0 trains without LPIPS"
+                    ) from None
         with warnings.catch_warnings():  # lpips passes torchvision the deprecated `pretrained=` flag
             warnings.simplefilter("ignore", UserWarning)
             self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)

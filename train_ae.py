@@ -131,8 +131,8 @@ def interval_means(history, world):
 
 def step_generator(seed, step, device):
     """The training step's random numbers come from a generator seeded by (seed, step) and are drawn for the whole
-    GLOBAL batch; rank r takes rows r, r + world, ..., the samples data.infinite_loader gives it. A run is then the same for any number of ranks and resumes exactly
-    without replaying random streams."""
+    GLOBAL batch; rank r takes rows r, r + world, ..., the samples that data.infinite_loader gives it. A run is
+    then the same for any number of ranks and resumes exactly without replaying random streams."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
@@ -149,15 +149,15 @@ DEFAULTS = dict(
     workers=8, seed=0, log_every=100, ckpt_every=2_000, sample_every=5_000,
 )
 PRESETS = {
-    # CPU demo: a tiny model with 16x16 patches on synthetic 64x64 images (16 tokens of 16 channels), about five
-    # minutes on 2 cores. No LPIPS (it needs the VGG16 weights).
+    # CPU demo: a tiny model with 16x16 patches on synthetic 64x64 images (16 tokens of 16 channels), about four
+    # minutes on 2 cores. No LPIPS (it needs the VGG16 weights); a narrow discriminator for the stage-2 demo.
     "tiny": dict(model="T-T/16", data="synthetic", image_size=64, global_batch_size=32, steps=1000, lr=24e-3,
-                 lpips_weight=0.0, gan_ramp=200, disc_channels=16, ema=0.999, precision="fp32", workers=2,
-                 log_every=50, ckpt_every=300, sample_every=600),
+                 lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3, ema=0.999, precision="fp32",
+                 workers=2, log_every=50, ckpt_every=300, sample_every=600),
     # The same for 4-frame 32x32 synthetic clips with 2x8x8 tubelets.
     "tiny-video": dict(model="T-T/2x8", data="synthetic", image_size=32, num_frames=4, global_batch_size=16,
-                       steps=1000, lr=24e-3, lpips_weight=0.0, gan_ramp=200, disc_channels=16, ema=0.999,
-                       precision="fp32", workers=2, log_every=50, ckpt_every=300, sample_every=600),
+                       steps=1000, lr=24e-3, lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3,
+                       ema=0.999, precision="fp32", workers=2, log_every=50, ckpt_every=300, sample_every=600),
 }
 
 
