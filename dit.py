@@ -1,18 +1,21 @@
-"""DiT on ViTok latents (§3.3) and the Gaussian diffusion it is trained and sampled with (SPEC §4).
+"""DiT on ViTok latents (§3.3, §4.3) and the Gaussian diffusion it is trained and sampled with (SPEC §4).
 
-The DiT of Peebles & Xie (2023) with the tokenizer's Llama-style parts: each of the L latent tokens (c channels) is
-one DiT token (no patchify), attention with 3D RoPE over the latent grid and SwiGLU come from vitok.py, and the
-conditioning is adaLN-Zero on timestep + class. The model predicts epsilon and the variance interpolation v (2c
-outputs, "learned sigma"), trained with L_simple + L_vb (Nichol & Dhariwal 2021, "IDDPM") and sampled with DDIM
-(Song et al. 2021) and classifier-free guidance (Ho & Salimans 2022).
+    x [B,L,c] latent tokens -> Linear(c -> D) -> adaLN-Zero blocks (timestep + class) -> [B,L,2c] (epsilon, v)
+
+The DiT of Peebles & Xie (2023) with the tokenizer's Llama-style parts, as the paper does: each of the L latent tokens
+is one DiT token (no patchify), and attention with 3D RoPE over the latent grid and SwiGLU come from vitok.py. The
+model predicts epsilon and the variance interpolation v ("learned sigma"), is trained with L_hybrid = L_simple + L_vb
+(Nichol & Dhariwal 2021, "IDDPM") and sampled with DDIM (Song et al. 2021) and classifier-free guidance (Ho &
+Salimans 2022).
 """
 import math
-from functools import partial
+from functools import lru_cache, partial
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from vitok import Attention, SwiGLU, rope_table
 
@@ -26,81 +29,87 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """t -> sinusoidal features (256, as DiT) -> MLP -> [B,D]."""
+    """t [B] (integer or float) -> sinusoidal frequencies (256, as DiT) -> MLP -> [B,D]."""
 
-    def __init__(self, dim, freq_dim=256):
+    def __init__(self, dim, freq_dim=256, max_period=10000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.max_period = freq_dim, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs  # [B, half]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm block whose LayerNorms are modulated by the conditioning, with zero-initialised gates (adaLN-Zero)."""
+    """x += gate1 * Attn(adaLN(x)); x += gate2 * MLP(adaLN(x)): shift, scale and gate regressed from the conditioning
+    and zero-initialised, so that the block starts as the identity (adaLN-Zero, DiT §3.2)."""
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # adaLN supplies the affine part
+        self.attn = Attention(dim, heads)  # bias-free qkv (DiT's timm block has a qkv bias): the tokenizer's block
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(dim, int(2.67 * dim))
+        self.mlp = SwiGLU(dim, int(2.67 * dim))  # the paper's SwiGLU at the tokenizer's width ratio, not GELU 4x
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, cos, sin):
+        """x [B,L,D], c [B,D] the conditioning, (cos, sin) the RoPE table -> [B,L,D]."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # 6 x [B,D]
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class DiT(nn.Module):
-    """x [B,L,c] noisy latents, t [B] timesteps, y [B] labels (num_classes = the null class) -> [B,L,2c]."""
+    """Class-conditional DiT on a (t,h,w) grid of latent tokens with c channels; label num_classes is the null class.
+
+    Class dropout lives outside the model (drop_labels, called by train_dit.py), not in DiT's LabelEmbedder, so that
+    the training script draws it from its per-step generator like every other random number of a step.
+    """
 
     def __init__(self, channels=16, grid=(1, 16, 16), num_classes=1000, width=1024, depth=24, heads=16,
                  grad_ckpt=False):
         super().__init__()
-        self.channels, self.grid, self.num_classes, self.heads = channels, tuple(grid), num_classes, heads
-        self.grad_ckpt = grad_ckpt
-        self.x_embed = nn.Linear(channels, width)
+        self.channels, self.grid, self.num_classes = channels, tuple(grid), num_classes
+        self.width, self.heads, self.grad_ckpt = width, heads, grad_ckpt
+        self.x_embed = nn.Linear(channels, width)  # one token per latent token: no patchify (SPEC §4)
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = nn.Embedding(num_classes + 1, width)  # + the null class for classifier-free guidance
         self.blocks = nn.ModuleList([DiTBlock(width, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.out = nn.Linear(width, 2 * channels)
-        # Init as DiT: xavier linears, N(0, 0.02) embedders, and zero modulation and output (adaLN-Zero), so that
-        # every block starts as the identity and the model's output as zero.
+        self.out = nn.Linear(width, 2 * channels)  # epsilon and v (learned sigma)
+        # DiT's init: xavier-uniform linears with zero bias, N(0, 0.02) for the label table and the timestep MLP, and
+        # zero modulation and output layers, so that each block starts as the identity and the output at zero.
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.y_embed.weight, std=0.02)
-        for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        for layer in [b.adaLN[-1] for b in self.blocks] + [self.final_adaLN[-1], self.out]:
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for layer in [block.adaLN[-1] for block in self.blocks] + [self.final_adaLN[-1], self.out]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, t, y):
-        """x [B,L,c], t [B], y [B] -> [B,L,2c] (epsilon, then the variance interpolation v)."""
-        cos, sin = rope_table(self.grid, self.x_embed.out_features // self.heads, x.device)
-        h = self.x_embed(x)  # [B,L,D]
+        """x [B,L,c] noisy latents (L = t*h*w in raster order), t [B] timesteps, y [B] labels -> [B,L,2c]."""
+        cos, sin = rope_table(self.grid, self.width // self.heads, x.device)  # 3D RoPE over the latent grid
+        h = self.x_embed(x)  # [B,L,D]; no absolute position embedding: RoPE carries position
         c = self.t_embed(t) + self.y_embed(y)  # [B,D]
         for block in self.blocks:
             if self.grad_ckpt and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, cos, sin, use_reentrant=False)
             else:
                 h = block(h, c, cos, sin)
-        shift, scale = self.final_adaLN(c).chunk(2, dim=-1)
-        return self.out(modulate(self.norm(h), shift, scale))
+        shift, scale = self.final_adaLN(c).chunk(2, dim=-1)  # 2 x [B,D]
+        return self.out(modulate(self.norm(h), shift, scale))  # [B,L,2c]
 
 
-# SPEC §4: B 768/12/12, L 1024/24/16 (~458M with c=16; the paper's "400M"), XL 1152/28/16 (~675M); tiny is ours.
+# SPEC §4: B 768/12/12, L 1024/24/16 (458.0M with c=16; the paper's "400M"), XL 1152/28/16 (675.1M); tiny is ours.
 DiT_models = {
     "DiT-B": partial(DiT, width=768, depth=12, heads=12),
     "DiT-L": partial(DiT, width=1024, depth=24, heads=16),
@@ -108,75 +117,126 @@ DiT_models = {
     "DiT-tiny": partial(DiT, width=128, depth=4, heads=2),
 }
 
+CLASS_DROPOUT = 0.1  # DiT's class_dropout_prob
+
+
+def drop_labels(y, num_classes, prob=CLASS_DROPOUT, generator=None):
+    """Class dropout for classifier-free guidance: each label of y [B] becomes the null class with probability prob."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < prob
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+def forward_with_cfg(model, x, t, y, cfg_scale):
+    """The model's output [B,L,2c] for x [B,L,c], t [B], labels y [B] under classifier-free guidance:
+    eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with s = 1 + w), v from the conditional half (as DiT).
+
+    The conditional and unconditional halves run as one doubled batch; scale 1 is one plain conditional call. A
+    function rather than DiT's method, so that it also runs a torch.compile'd model. DiT guides only the first 3
+    channels "for exact reproducibility"; we guide all c epsilon channels, the standard form (SPEC §4).
+    """
+    if cfg_scale == 1.0:
+        return model(x, t, y).float()
+    null = torch.full_like(y, model.num_classes)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()  # [2B,L,2c]
+    eps, v = out.chunk(2, dim=-1)  # [2B,L,c] each
+    cond, uncond = eps.chunk(2)  # [B,L,c] each
+    return torch.cat([uncond + cfg_scale * (cond - uncond), v.chunk(2)[0]], dim=-1)
+
 
 # --------------------------------------------------------------------------------------------------------------
-# Gaussian diffusion: linear betas 1e-4 -> 0.02 over 1000 steps, epsilon prediction, learned variance (IDDPM)
+# Gaussian diffusion: DDPM's linear beta schedule, epsilon prediction, learned variance (IDDPM)
 # --------------------------------------------------------------------------------------------------------------
 NUM_TIMESTEPS = 1000
-BETAS = np.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=np.float64)
-ALPHAS_CUMPROD = np.cumprod(1.0 - BETAS)
-ALPHAS_CUMPROD_PREV = np.append(1.0, ALPHAS_CUMPROD[:-1])
-POSTERIOR_VARIANCE = BETAS * (1.0 - ALPHAS_CUMPROD_PREV) / (1.0 - ALPHAS_CUMPROD)  # beta~_t, IDDPM Eq. 10
-POSTERIOR_LOG_VARIANCE = np.log(np.append(POSTERIOR_VARIANCE[1], POSTERIOR_VARIANCE[1:]))  # beta~_0 = 0: clipped
-POSTERIOR_COEF_X0 = BETAS * np.sqrt(ALPHAS_CUMPROD_PREV) / (1.0 - ALPHAS_CUMPROD)  # IDDPM Eq. 11
-POSTERIOR_COEF_XT = (1.0 - ALPHAS_CUMPROD_PREV) * np.sqrt(1.0 - BETAS) / (1.0 - ALPHAS_CUMPROD)
 
 
-def _at(table, t, x):
-    """table[t] (float64 numpy) as a [B,1,1] tensor in x's dtype and device."""
-    return torch.as_tensor(table, device=x.device)[t].to(x.dtype)[:, None, None]
+@lru_cache(maxsize=None)
+def schedule(device="cpu"):
+    """The float64 tables [1000] on a device, built once per device (an upload per step would stall the GPU).
+    abar_t = prod_{s<=t} (1 - beta_s); post_logvar is log beta~_t (IDDPM Eq. 12) with t=0 (beta~_0 = 0) clipped to
+    log beta~_1, as IDDPM."""
+    betas = torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64, device=device)  # DDPM's linear schedule
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    return SimpleNamespace(betas=betas, abar=abar, abar_prev=abar_prev, post_logvar=post_logvar)
+
+
+def _coef(value, x):
+    """A per-sample float64 coefficient [B] as [B,1,1] in x's dtype (fp32), to scale x [B,L,c]."""
+    return value.to(x.dtype)[:, None, None]
 
 
 def q_sample(x0, t, noise):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (IDDPM Eq. 9)."""
-    return _at(np.sqrt(ALPHAS_CUMPROD), t, x0) * x0 + _at(np.sqrt(1.0 - ALPHAS_CUMPROD), t, x0) * noise
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, a draw from q(x_t | x0) (IDDPM Eq. 8-9)."""
+    abar = schedule(x0.device).abar[t]  # [B] float64
+    return _coef(abar.sqrt(), x0) * x0 + _coef((1.0 - abar).sqrt(), x0) * noise
 
 
 def q_posterior(x0, xt, t):
-    """Mean and log-variance of q(x_{t-1} | x_t, x_0) (IDDPM Eq. 10-12)."""
-    mean = _at(POSTERIOR_COEF_X0, t, xt) * x0 + _at(POSTERIOR_COEF_XT, t, xt) * xt
-    return mean, _at(POSTERIOR_LOG_VARIANCE, t, xt)
+    """Mean and (clipped) log-variance of q(x_{t-1} | x_t, x0) (IDDPM Eq. 10-12)."""
+    s = schedule(xt.device)
+    beta, abar, abar_prev = s.betas[t], s.abar[t], s.abar_prev[t]
+    mean = (_coef(beta * abar_prev.sqrt() / (1.0 - abar), xt) * x0
+            + _coef((1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar), xt) * xt)  # Eq. 11
+    return mean, _coef(s.post_logvar[t], xt)
 
 
 def p_mean_logvar(eps, v, xt, t):
-    """The model's p(x_{t-1} | x_t): mean from epsilon (Eq. 11 with x0 from Eq. 9), log-variance interpolated
-    between log beta_t and log beta~_t by v, which the network outputs in about [-1, 1] (IDDPM Eq. 15)."""
+    """The model's p(x_{t-1} | x_t): the posterior mean (Eq. 11) at x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+    Eq. 9 solved for x0 (the same mean as IDDPM Eq. 13), and log sigma^2 = frac log beta_t + (1 - frac) log beta~_t
+    (IDDPM Eq. 15) with frac = (v + 1) / 2: the network outputs v in about [-1, 1], IDDPM's "learned range"."""
+    s = schedule(xt.device)
+    abar = s.abar[t]
+    x0 = _coef(abar.rsqrt(), xt) * xt - _coef((1.0 / abar - 1.0).sqrt(), xt) * eps
     frac = (v + 1) / 2
-    logvar = frac * _at(np.log(BETAS), t, xt) + (1 - frac) * _at(POSTERIOR_LOG_VARIANCE, t, xt)
-    x0 = _at(np.sqrt(1.0 / ALPHAS_CUMPROD), t, xt) * xt - _at(np.sqrt(1.0 / ALPHAS_CUMPROD - 1), t, xt) * eps
+    logvar = frac * _coef(s.betas[t].log(), xt) + (1 - frac) * _coef(s.post_logvar[t], xt)
     return q_posterior(x0, xt, t)[0], logvar
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log P(x) of a Gaussian integrated over the 8-bit bin of x in [-1,1] (DDPM's decoder L_0), elementwise.
-    Our latents are continuous, not 8-bit; DiT uses this term at t=0 all the same and so do we (SPEC §4)."""
-    cdf = lambda v: 0.5 * (1.0 + torch.erf(v / math.sqrt(2.0)))  # noqa: E731
-    inv_std = torch.exp(-log_scale)
-    cdf_plus, cdf_minus = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
-    log_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus = torch.log((1.0 - cdf_minus).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_plus, torch.where(x > 0.999, log_one_minus, log_delta))
+    """log of the mass a Gaussian (mean, std e^log_scale) puts on x's 8-bit bin of [-1,1] (DDPM §3.3, the decoder
+    L_0), elementwise; the edge bins extend to -inf and +inf. Our latents are continuous and unbounded, not 8-bit
+    pixels: DiT applies this term at t=0 to its latents regardless, and we follow DiT (SPEC §4).
+
+    Unlike IDDPM (a tanh approximation of the normal CDF, differences of CDFs near 1) every mass is taken in the
+    lower tail, by the bins' symmetry about the mean, with erfc: fp32 keeps its digits there. Floored at 1e-12 as
+    IDDPM."""
+    cdf = lambda u: 0.5 * torch.erfc(-u / math.sqrt(2.0))  # noqa: E731, Phi(u), accurate for u << 0
+    inv_std, d = torch.exp(-log_scale), x - mean
+    log_bottom = torch.log(cdf(inv_std * (d + 1 / 255)).clamp(min=1e-12))  # (-inf, x + 1/255]
+    log_top = torch.log(cdf(-inv_std * (d - 1 / 255)).clamp(min=1e-12))  # [x - 1/255, inf)
+    near = -d.abs()  # [x - 1/255, x + 1/255] has the mass of [-|d| - 1/255, -|d| + 1/255] about the mean
+    log_bin = torch.log((cdf(inv_std * (near + 1 / 255)) - cdf(inv_std * (near - 1 / 255))).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_bottom, torch.where(x > 0.999, log_top, log_bin))
 
 
-def training_losses(model, x0, y, t, noise):
-    """L_hybrid = L_simple + L_vb (IDDPM §3.1, with lambda = 1 as DiT): MSE on epsilon, plus the variational bound
-    for the learned variance with the mean stopped (so L_vb trains only v). x0, noise [B,L,c]; t, y [B].
-    Returns per-batch means {"loss", "mse", "vb"}; L_vb in bits per dimension."""
-    x0, noise = x0.float(), noise.float()
+def training_losses(model, x0, y, t=None, noise=None):
+    """L_hybrid = L_simple + L_vb (IDDPM §3.1, Eq. 16) for latents x0 [B,L,c] with labels y [B] (class dropout
+    already applied) at timesteps t [B] (default: uniform in [0, 1000)) with noise [B,L,c] (default: N(0, I)).
+
+    L_simple is the MSE on epsilon. L_vb, in bits per dimension, is KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for
+    t > 0 and the decoder NLL -log p(x0|x1) at t = 0, with the predicted mean stopped so that L_vb only trains the
+    variance (IDDPM §3.1). Its weight is 1, as DiT's: IDDPM's lambda = 0.001 weighs L_vb summed over the 1000 terms,
+    and one uniformly drawn term estimates that sum / 1000. Both terms are means over tokens and channels.
+    Returns batch means {"loss", "mse", "vb"}.
+    """
+    x0 = x0.float()
+    t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), device=x0.device) if t is None else t
+    noise = torch.randn_like(x0) if noise is None else noise.float()
     xt = q_sample(x0, t, noise)
     eps, v = model(xt, t, y).float().chunk(2, dim=-1)  # [B,L,c] each
-    mse = (noise - eps).pow(2).mean(dim=(1, 2))
+    mse = (noise - eps).pow(2).mean(dim=(1, 2))  # [B]
     true_mean, true_logvar = q_posterior(x0, xt, t)
-    mean, logvar = p_mean_logvar(eps.detach(), v, xt, t)
+    mean, logvar = p_mean_logvar(eps.detach(), v, xt, t)  # stop-gradient on the mean
     kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=(1, 2)) / math.log(2.0)
     nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=(1, 2)) / math.log(2.0)
-    vb = torch.where(t == 0, nll, kl)
+    vb = torch.where(t == 0, nll, kl)  # [B]
     return {"loss": (mse + vb).mean(), "mse": mse.mean(), "vb": vb.mean()}
 
 
@@ -184,37 +244,34 @@ def training_losses(model, x0, y, t, noise):
 # Sampling: DDIM over respaced timesteps with classifier-free guidance
 # --------------------------------------------------------------------------------------------------------------
 def respaced_timesteps(steps, num_timesteps=NUM_TIMESTEPS):
-    """Evenly spaced timesteps of the 1000-step chain: {0, 4, ..., 996} for 250 steps."""
+    """floor(i * 1000 / steps) for i < steps: {0, 4, ..., 996} for 250 steps, IDDPM's "ddim250" respacing (a stride
+    that divides 1000; DiT's plain "250" rounds i * 999 / 249 instead and ends at 999). The two agree whenever steps
+    divides 1000; otherwise IDDPM's "ddimN" may have no solution and this stays evenly spaced."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
     return [i * num_timesteps // steps for i in range(steps)]
-
-
-def guided_eps(model, x, t, y, cfg_scale):
-    """Epsilon with classifier-free guidance on all c epsilon channels: eps_u + s (eps_c - eps_u). The conditional
-    and unconditional halves run as one doubled batch; scale 1 is the plain conditional prediction."""
-    c = x.shape[-1]
-    if cfg_scale == 1.0:
-        return model(x, t, y)[..., :c].float()
-    null = torch.full_like(y, model.num_classes)
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[..., :c].float()
-    cond, uncond = eps.chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
 
 
 @torch.no_grad()
 def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
-    """DDIM (Song et al. 2021, Eq. 12) from noise z [B,L,c] with labels y [B] -> latents [B,L,c]. eta = 0 is
-    deterministic. The model sees the original timestep indices. No x0 clipping: latents are unbounded."""
-    from tqdm import tqdm
+    """DDIM (Song et al. 2021, Eq. 12) from noise z [B,L,c] with labels y [B] -> latents [B,L,c] (fp32).
+
+    Over the respaced chain tau = respaced_timesteps(steps), with abar_{tau_{-1}} = 1 so that the last step returns
+    the predicted x0, and sigma_i = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev) (DDIM Eq. 16);
+    eta = 0 is deterministic. The model sees the original timestep indices (as DiT's respacing wrapper gives it).
+    DDIM uses epsilon only: the learned variance would matter for ancestral (DDPM) sampling, which SPEC §4 does not
+    use. No x0 clipping: latents are unbounded, unlike pixels in [-1, 1].
+    """
     timesteps = respaced_timesteps(steps)
+    abar = schedule("cpu").abar[timesteps].tolist()  # float64 Python floats: no device syncs in the loop
     x = z.float()
     for i in tqdm(reversed(range(steps)), total=steps, disable=not progress, desc="DDIM"):
-        t = torch.full((x.shape[0],), timesteps[i], device=x.device, dtype=torch.long)
-        abar = float(ALPHAS_CUMPROD[timesteps[i]])
-        abar_prev = float(ALPHAS_CUMPROD[timesteps[i - 1]]) if i > 0 else 1.0
-        eps = guided_eps(model, x, t, y, cfg_scale)
-        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
-        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-        x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma ** 2) * eps
+        t = torch.full((x.shape[0],), timesteps[i], dtype=torch.long, device=x.device)
+        a, a_prev = abar[i], abar[i - 1] if i > 0 else 1.0
+        eps = forward_with_cfg(model, x, t, y, cfg_scale)[..., :x.shape[-1]]  # [B,L,c]
+        x0 = (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)  # the predicted x0 (DDIM Eq. 12, first term)
+        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev - sigma ** 2) * eps  # "direction pointing to x_t"
         if sigma > 0:
             x = x + sigma * torch.randn_like(x)
     return x

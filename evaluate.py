@@ -277,8 +277,10 @@ def frames_of(x):
 
 
 def bilinear_codec(x, floats):
-    """The trivial codec with the same number of floats as the latent: downsample (antialiased), upsample."""
-    side = max(1, int(math.sqrt(floats / 3)))
+    """The trivial codec with the same number of floats as the latent: downsample each frame (antialiased) to its
+    share of the budget, upsample again."""
+    frames = x.shape[2] if x.dim() == 5 else 1
+    side = max(1, int(math.sqrt(floats / frames / 3)))
     low = F.interpolate(frames_of(x), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
 

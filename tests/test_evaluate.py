@@ -224,3 +224,11 @@ def test_video_tokenizer_reports_per_frame_metrics_and_rfvd(tmp_path):
     report = json.load(open(tmp_path / "v.json"))
     assert {"psnr", "ssim", "rfvd"} <= set(report) and report["weights"]["model"] == "model"
     assert report["num_samples"] == 6 and np.isfinite(report["rfvd"]) and report["rfvd"] > 0
+
+
+def test_bilinear_baseline_spends_the_latent_budget_over_all_frames():
+    clip = torch.rand(1, 3, 4, 32, 32) * 2 - 1
+    out = evaluate.bilinear_codec(clip, floats=512)  # 128 floats a frame: 6x6x3
+    frames = clip.transpose(1, 2).flatten(0, 1)
+    low = F.interpolate(frames, size=(6, 6), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(out, F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False))
