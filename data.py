@@ -9,15 +9,19 @@ images, under class folders or not), and "synthetic": drawn shapes, no download.
 Transforms (SPEC §3): train = RandomResizedCrop(scale 0.8-1, ratio 3/4-4/3) + horizontal flip, the same for every
 frame of a clip; eval = resize the short side + centre crop.
 """
+import contextlib
 import math
 import os
 import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torchvision.utils import save_image
+
+from vitok import frames_to_batch
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".jfif"}
 VIDEO_EXTS = {".avi", ".mp4", ".mkv", ".webm", ".mov"}
@@ -265,3 +269,54 @@ def infinite_loader(dataset, batch_size, rank=0, world_size=1, seed=0, start_ste
         yield from torch.utils.data.DataLoader(dataset, batch_size, sampler=keys, num_workers=num_workers,
                                                drop_last=True, pin_memory=torch.cuda.is_available())
         epoch, skip = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ranks, devices and images: what every script needs to run on 1..N processes and to show its outputs
+# --------------------------------------------------------------------------------------------------------------
+def setup_distributed():
+    """One code path for 1..N ranks: under torchrun (RANK/WORLD_SIZE set) join the group, NCCL on GPU and gloo on
+    CPU; alone, rank 0 of 1. TF32 matmuls on GPU (App. A trains with them). Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def autocast(device, precision):
+    """The one precision context of every script: bf16 autocast on GPU around forward passes; fp32 (a null context)
+    on CPU or with --precision fp32. The paper found bf16 and fp32 tokenizers equally good (App. A)."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_generator(seed, step, device):
+    """A training step's random numbers come from a generator seeded by (seed, step) and are drawn for the whole
+    GLOBAL batch; rank r takes rows r, r + world, ..., the samples that infinite_loader gives it. A run is then the
+    same for any number of ranks and resumes exactly without replaying random streams."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def save_grid(path, x, x_hat, max_items=8):
+    """A PNG of originals (top) above reconstructions or samples (bottom); videos show each clip's frames in a row."""
+    if x.dim() == 5:  # [B,3,T,H,W] -> two clips, frames side by side
+        nrow = x.shape[2]
+        x, x_hat = frames_to_batch(x[:2]), frames_to_batch(x_hat[:2])  # [2T,3,H,W]
+    else:
+        nrow = min(max_items, x.shape[0])
+        x, x_hat = x[:nrow], x_hat[:nrow]
+    save_image(torch.cat([x, x_hat]).float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)

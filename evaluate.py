@@ -23,7 +23,12 @@ import torchvision
 from torchvision.models import inception as tv_inception
 from tqdm import tqdm
 
-from train_ae import autocast, cleanup_distributed, load_checkpoint, save_grid, setup_distributed
+import data
+import dit
+import losses
+import vitok
+from data import autocast, cleanup_distributed, save_grid, setup_distributed
+from vitok import frames_to_batch
 
 FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_FILE}"
@@ -189,7 +194,7 @@ def inception_score(logits, splits=10):
 def i3d_features(i3d, clips):
     """StyleGAN-V's I3D (TorchScript): clips [B,3,T,H,W] in [-1,1], resized to 224^2 -> 400-d features."""
     B, C, T, H, W = clips.shape
-    frames = F.interpolate(clips.transpose(1, 2).flatten(0, 1).float(), size=(224, 224), mode="bilinear",
+    frames = F.interpolate(frames_to_batch(clips).float(), size=(224, 224), mode="bilinear",
                            align_corners=False)  # [B*T,3,224,224]
     clips = frames.view(B, T, C, 224, 224).transpose(1, 2)
     return i3d(clips, rescale=False, resize=False, return_features=True)
@@ -250,7 +255,7 @@ def load_networks(args, video, rank):
 
 def add_features(col, nets, prefix, x, device):
     """Inception features (frames folded for video) and I3D features of a batch in [-1,1]."""
-    frames = x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x
+    frames = frames_to_batch(x)
     if "inception" in nets:
         pool, logits = nets["inception"](frames.to(device))
         col.add(f"{prefix}_pool", pool)
@@ -272,27 +277,20 @@ def fail(message):
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer: reconstructions from the posterior mean
 # --------------------------------------------------------------------------------------------------------------
-def frames_of(x):
-    return x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x  # [B*T,3,H,W]
-
-
 def bilinear_codec(x, floats):
     """The trivial codec with the same number of floats as the latent: downsample each frame (antialiased) to its
     share of the budget, upsample again."""
     frames = x.shape[2] if x.dim() == 5 else 1
     side = max(1, int(math.sqrt(floats / frames / 3)))
-    low = F.interpolate(frames_of(x), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    low = F.interpolate(frames_to_batch(x), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
 def evaluate_tokenizer(args, ckpt, rank, world, device):
-    import data
-    import losses
-    import vitok
     cfg = ckpt["config"]
     try:
-        model = vitok.from_checkpoint(args.ckpt).to(device)
+        model = vitok.from_checkpoint(args.ckpt, state=ckpt).to(device)
     except RuntimeError as err:
         fail(f"{args.ckpt}: the weights do not match its config ({cfg['model']}, c={cfg['channels']}): "
              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}")
@@ -326,9 +324,9 @@ def evaluate_tokenizer(args, ckpt, rank, world, device):
             x_hat = model.decode(model.encode(x).mode(), x.shape[2:])
         real8, recon8 = to_uint8(x), to_uint8(x_hat)
         B = x.shape[0]
-        col.add("psnr", psnr(frames_of(real8), frames_of(recon8)).view(B, -1).mean(1))  # videos: mean over frames
-        col.add("ssim", ssim(frames_of(real8), frames_of(recon8)).view(B, -1).mean(1))
-        col.add("baseline_psnr", psnr(frames_of(real8), to_uint8(bilinear_codec(x, floats))).view(B, -1).mean(1))
+        col.add("psnr", psnr(frames_to_batch(real8), frames_to_batch(recon8)).view(B, -1).mean(1))  # videos: mean over frames
+        col.add("ssim", ssim(frames_to_batch(real8), frames_to_batch(recon8)).view(B, -1).mean(1))
+        col.add("baseline_psnr", psnr(frames_to_batch(real8), to_uint8(bilinear_codec(x, floats))).view(B, -1).mean(1))
         real, recon = real8 / 127.5 - 1, recon8 / 127.5 - 1
         if lpips is not None:
             col.add("lpips", lpips(recon, real, reduce=False))
@@ -350,7 +348,6 @@ def evaluate_tokenizer(args, ckpt, rank, world, device):
 # --------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def reference_features(args, size, T, nets, rank, world, device):
-    import data
     try:
         dataset = data.build_dataset(args.data, size, T)
     except (ValueError, FileNotFoundError, ImportError) as err:
@@ -365,21 +362,17 @@ def reference_features(args, size, T, nets, rank, world, device):
 
 @torch.no_grad()
 def evaluate_generator(args, ckpt, rank, world, device):
-    import dit
-    import vitok
     cfg = ckpt["config"]
     ae_path = args.ae_ckpt or cfg["ae_ckpt"]
     if not os.path.exists(ae_path):
         fail(f"the tokenizer {ae_path} named by {args.ckpt} is missing; pass --ae-ckpt")
     ae = vitok.from_checkpoint(ae_path).to(device)
     grid, K, c = tuple(cfg["grid"]), cfg["num_classes"], cfg["channels"]
-    model = dit.DiT_models[cfg["model"]](channels=c, grid=grid, num_classes=K)
-    weights = "ema" if ckpt.get("ema") is not None else "model"
     try:
-        model.load_state_dict(ckpt[weights])
+        model = dit.from_checkpoint(args.ckpt, state=ckpt).to(device)
     except RuntimeError as err:
         fail(f"{args.ckpt}: the weights do not match its config ({cfg['model']}): {str(err).splitlines()[0]}")
-    model.to(device).eval()
+    weights = model.weights
     T, S = cfg["num_frames"], cfg["image_size"]
     size = (S, S) if T == 1 else (T, S, S)
     n = args.num_samples or 50_000
@@ -454,7 +447,7 @@ def main(args):
     if not os.path.exists(args.ckpt):
         fail(f"checkpoint {args.ckpt} does not exist")
     try:
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
         kind = ckpt["config"]["kind"]
     except Exception as err:  # any unreadable or foreign file: one line naming it
         fail(f"{args.ckpt} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "

@@ -12,15 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitok import frames_to_batch
+
 VGG_FILE = "vgg16-397923af.pth"
 VGG_URL = f"https://download.pytorch.org/models/{VGG_FILE}"
-
-
-def frames_to_batch(x):
-    """[B,3,T,H,W] -> [B*T,3,H,W] (clip-major: the frames of clip 0 come first); images pass unchanged."""
-    if x.dim() == 5:
-        return x.transpose(1, 2).flatten(0, 1)
-    return x
 
 
 def mse_loss(x_hat, x):

@@ -8,7 +8,6 @@ The helpers at the top (distributed setup, precision, EMA, checkpoints, schedule
 evaluate.py, which import them from here.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -17,39 +16,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from data import autocast, cleanup_distributed, save_grid, setup_distributed, step_generator
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Shared training machinery
 # --------------------------------------------------------------------------------------------------------------
-def setup_distributed():
-    """One code path for 1..N ranks: under torchrun (RANK/WORLD_SIZE set) join the group, NCCL on GPU and gloo on
-    CPU; alone, rank 0 of 1. Returns (rank, world_size, device)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # SPEC §3: TF32 on
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def autocast(device, precision):
-    """bf16 autocast on GPU around forward passes; fp32 (a null context) on CPU or when asked (SPEC §3)."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, over parameters (buffers are copied)."""
@@ -93,18 +65,6 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def save_grid(path, x, x_hat, max_items=8):
-    """A PNG of originals (top) above reconstructions or samples (bottom); videos show each clip's frames in a row."""
-    from torchvision.utils import save_image
-    if x.dim() == 5:  # [B,3,T,H,W] -> two clips, frames side by side
-        nrow = x.shape[2]
-        x, x_hat = (v[:2].transpose(1, 2).flatten(0, 1) for v in (x, x_hat))  # [2T,3,H,W]
-    else:
-        nrow = min(max_items, x.shape[0])
-        x, x_hat = x[:nrow], x_hat[:nrow]
-    save_image(torch.cat([x, x_hat]).float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)
-
-
 class Logger:
     """One fixed-width line per interval on rank 0 and the same numbers appended to metrics.jsonl."""
 
@@ -127,13 +87,6 @@ def interval_means(history, world):
         dist.all_reduce(values)
         values /= world
     return dict(zip(names, values.tolist()))
-
-
-def step_generator(seed, step, device):
-    """The training step's random numbers come from a generator seeded by (seed, step) and are drawn for the whole
-    GLOBAL batch; rank r takes rows r, r + world, ..., the samples that data.infinite_loader gives it. A run is
-    then the same for any number of ranks and resumes exactly without replaying random streams."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
 # --------------------------------------------------------------------------------------------------------------

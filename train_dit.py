@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train_ae import (Logger, autocast, check_finite, cleanup_distributed, interval_means, load_checkpoint,
-                      rng_state, save_checkpoint, save_grid, set_rng_state, setup_distributed,
-                      step_generator, update_ema)
+from data import autocast, cleanup_distributed, save_grid, setup_distributed, step_generator
+from train_ae import (Logger, check_finite, interval_means, load_checkpoint, rng_state, save_checkpoint,
+                      set_rng_state, update_ema)
 
 DEFAULTS = dict(
     model="DiT-L", ae_ckpt=None, data=None, global_batch_size=256, steps=500_000, ckpt="dit.pt", out_dir=None,

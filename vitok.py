@@ -257,6 +257,12 @@ class ViTok(nn.Module):
         return self.decode(z, x.shape[2:]), posterior
 
 
+def frames_to_batch(x):
+    """Video [B,3,T,H,W] -> frames [B*T,3,H,W] (clip-major: the frames of clip 0 come first); images pass unchanged.
+    Per-frame losses and metrics (LPIPS, the discriminator, PSNR/SSIM, Inception features) all fold frames this way."""
+    return x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x
+
+
 def from_name(name, channels=16, **overrides):
     """Build a tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny" (= "T-T/8").
     overrides go to ViTok (e.g. grad_ckpt=True)."""
@@ -269,9 +275,10 @@ def from_name(name, channels=16, **overrides):
     return ViTok(**{**kwargs, **overrides})
 
 
-def from_checkpoint(path, use_ema=True):
-    """Load a tokenizer written by train_ae.py: EMA weights when present (and use_ema), eval mode, on CPU."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def from_checkpoint(path, use_ema=True, state=None):
+    """Load a tokenizer written by train_ae.py: EMA weights when present (and use_ema), eval mode, on CPU. `state` is
+    the already-read checkpoint dict, so that a caller that needs its config reads the file once."""
+    ckpt = state if state is not None else torch.load(path, map_location="cpu", weights_only=True)
     config = ckpt.get("config", {})
     if config.get("kind", "ae") != "ae":
         raise ValueError(f"{path} is a {config.get('kind')} checkpoint, not a tokenizer (train_ae.py) checkpoint")

@@ -2,5 +2,20 @@
 import os
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory):
+    """A randomly initialised tiny tokenizer checkpoint (c=4, 32x32 images) in train_ae.py's format."""
+    import vitok
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ae") / "ae.pt"
+    model = vitok.from_name("tiny", channels=4)
+    config = {"kind": "ae", "model": "tiny", "channels": 4, "image_size": 32, "num_frames": 1}
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "config": config}, path)
+    return path

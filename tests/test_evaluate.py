@@ -34,16 +34,6 @@ def fid_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def ae_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ae") / "ae.pt"
-    model = vitok.from_name("tiny", channels=4)
-    config = {"kind": "ae", "model": "tiny", "channels": 4, "image_size": 32, "num_frames": 1}
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "config": config}, path)
-    return path
-
-
 def run(*argv):
     evaluate.main(evaluate.parse_args([str(a) for a in argv]))
 

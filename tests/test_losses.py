@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import losses
+import vitok
 
 
 def test_mse_matches_float64_and_frames_fold_clip_major():
     x, y = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     assert losses.mse_loss(x, y).item() == pytest.approx(((x.double() - y.double()) ** 2).mean().item(), rel=1e-6)
     video = torch.randn(2, 3, 4, 8, 8)
-    folded = losses.frames_to_batch(video)
+    folded = vitok.frames_to_batch(video)
     assert folded.shape == (8, 3, 8, 8) and torch.equal(folded[5], video[1, :, 1])
 
 

@@ -10,16 +10,6 @@ import train_dit
 import vitok
 
 
-@pytest.fixture(scope="module")
-def ae_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ae") / "ae.pt"
-    model = vitok.from_name("tiny", channels=4)
-    config = {"kind": "ae", "model": "tiny", "channels": 4, "image_size": 32, "num_frames": 1}
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "config": config}, path)
-    return path
-
-
 def run(tmp_path, ae_ckpt, *extra, name="dit.pt"):
     argv = ["--preset", "tiny", "--ae-ckpt", ae_ckpt, "--global-batch-size", 8, "--workers", 0, "--log-every", 1,
             "--sample-steps", 2, "--ckpt", tmp_path / name, "--out-dir", tmp_path / "logs", *extra]
