@@ -1,18 +1,26 @@
-"""Data (SPEC §6): image and video folders, a built-in synthetic source, and a deterministic distributed loader.
+"""Data: image and video folders, two procedural sources, and a deterministic distributed loader.
 
-    build_dataset(source, image_size, num_frames=1, train=False) -> Dataset of (x, label)
-        x in [-1,1], [3,H,W] for images or [3,T,H,W] for clips; label -1 for unlabelled folders.
+    build_dataset(source, image_size, num_frames=1, train=False, frame_stride=3, split_file=None, length=None)
+        -> Dataset of (x, label): x in [-1,1], [3,H,W] for images or [3,T,H,W] for clips; label -1 when unlabelled.
 
-Layouts: ImageNet (class sub-folders of images, labels in sorted folder order), a flat folder of images (COCO),
-UCF-101 (class folders of video files, decoded with PyAV: `pip install av`), folders of frames (a clip is a folder of
-images, under class folders or not), and "synthetic": drawn shapes, no download.
-Transforms (SPEC §3): train = RandomResizedCrop(scale 0.8-1, ratio 3/4-4/3) + horizontal flip, the same for every
-frame of a clip; eval = resize the short side + centre crop.
+Sources:
+- a folder: ImageNet (class sub-folders of images, labels in sorted folder order), a flat folder of images (COCO),
+  UCF-101 (class folders of video files, decoded with PyAV: `pip install av`), or folders of frames (a clip is a
+  folder of images, under class folders or not). `split_file` keeps only the files a list names, as UCF-101's
+  official splits (trainlist01.txt / testlist01.txt); labels stay those of the sorted class folders.
+- "synthetic": drawn shapes, 10 classes (shape and hue), for the demo and the tests.
+- "deadleaves": the dead-leaves model of natural images (occluding textured shapes with r^-3 sizes, so a 1/f^2 power
+  spectrum and the sharp edges of photographs), unlabelled; clips drift slowly.
+Clips take num_frames frames every frame_stride-th: the paper's 16 frames at 8 fps are stride 3 on UCF-101's 25 fps.
+Transforms: eval resizes the short side and crops the centre. Training images: RandomResizedCrop (scale 0.8-1, ratio
+3/4-4/3) + horizontal flip. Training clips: resize the short side, a random square crop and a flip, the same for
+every frame (the paper's video recipe: no aspect jitter).
 """
 import contextlib
 import math
 import os
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -55,23 +63,29 @@ def load_rgb(path):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
-def transform(frames, size, gen=None):
-    """frames [T,3,h,w] in [0,1] -> [T,3,size,size]. With a generator: RandomResizedCrop (scale 0.8-1, log-uniform
-    aspect 3/4-4/3, ten tries, as torchvision) and a flip, drawn once for the whole clip;
-    without: resize the short side to `size` and crop the centre."""
+def transform(frames, size, gen=None, square=False):
+    """frames [T,3,h,w] in [0,1] -> [T,3,size,size]. Without a generator (eval): resize the short side to `size` and
+    crop the centre. With one (training), drawn once for the whole clip: RandomResizedCrop (scale 0.8-1, log-uniform
+    aspect 3/4-4/3, ten tries, as torchvision), or with square=True (clips) the short side resized and a random
+    square crop; then a horizontal flip."""
     h, w = frames.shape[-2:]
-    if gen is None:
+    if gen is None or square:
         frames = TF.resize(frames, size, antialias=True)
-        return TF.center_crop(frames, size)
-    for scale, aspect in torch.rand(10, 2, generator=gen).tolist():
-        area, ratio = h * w * (0.8 + 0.2 * scale), math.exp(math.log(3 / 4) + aspect * math.log(16 / 9))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            break
-    else:  # no try fitted: the largest square
-        ch = cw = min(h, w)
-    top, left = (int(u * (n + 1)) for u, n in zip(torch.rand(2, generator=gen).tolist(), (h - ch, w - cw)))
-    frames = TF.resized_crop(frames, top, left, ch, cw, [size, size], antialias=True)
+        if gen is None:
+            return TF.center_crop(frames, size)
+        h, w = frames.shape[-2:]
+        top, left = (int(u * (n + 1)) for u, n in zip(torch.rand(2, generator=gen).tolist(), (h - size, w - size)))
+        frames = frames[..., top:top + size, left:left + size]
+    else:
+        for scale, aspect in torch.rand(10, 2, generator=gen).tolist():
+            area, ratio = h * w * (0.8 + 0.2 * scale), math.exp(math.log(3 / 4) + aspect * math.log(16 / 9))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:  # no try fitted: the largest square
+            ch = cw = min(h, w)
+        top, left = (int(u * (n + 1)) for u, n in zip(torch.rand(2, generator=gen).tolist(), (h - ch, w - cw)))
+        frames = TF.resized_crop(frames, top, left, ch, cw, [size, size], antialias=True)
     return frames.flip(-1) if torch.rand(1, generator=gen).item() < 0.5 else frames
 
 
@@ -79,7 +93,7 @@ class _Base(torch.utils.data.Dataset):
     """Keys are an index, or (index, seed) from infinite_loader: the seed draws the training augmentation, so a
     sample's crop is a function of (run seed, epoch, index) alone and a resumed run sees the same batches."""
 
-    def __init__(self, items, labels, num_classes, size, num_frames, train, source, stride=2):
+    def __init__(self, items, labels, num_classes, size, num_frames, train, source, stride=3):
         self.items, self.labels, self.num_classes = items, labels, num_classes
         self.size, self.num_frames, self.train, self.source, self.stride = size, num_frames, train, source, stride
         self._warned = set()
@@ -99,7 +113,8 @@ class _Base(torch.utils.data.Dataset):
                     self._warned.add(self.items[i])
                     warnings.warn(f"skipping unreadable file {self.items[i]}: {type(err).__name__}: {err}")
                 continue
-            frames = transform(frames, self.size, gen if self.train else None) * 2 - 1  # [T,3,S,S] in [-1,1]
+            frames = transform(frames, self.size, gen if self.train else None, square=self.num_frames > 1)
+            frames = frames * 2 - 1  # [T,3,S,S] in [-1,1]
             x = frames[0] if self.num_frames == 1 else frames.transpose(0, 1)  # [3,S,S] or [3,T,S,S]
             return x.contiguous(), self.labels[i]
         raise RuntimeError(f"no readable file in {self.source}")
@@ -128,25 +143,35 @@ class FrameFolder(_Base):
 
 
 class VideoFolder(_Base):
-    """Video files (UCF-101 .avi, .mp4, ...), decoded with PyAV."""
+    """Video files (UCF-101 .avi, .mp4, ...), decoded with PyAV. The clip is chosen from the frame count in the
+    container's header, decoding stops after its last frame and only its frames are converted to RGB: on 7 s UCF-like
+    files a clip costs half the CPU time of decoding the whole file. Files whose header gives no count are decoded to
+    the end."""
 
     def load(self, i, gen):
         import av
         with av.open(self.items[i]) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        if not frames:
+            stream = container.streams.video[0]
+            want = self.pick(stream.frames, gen) if stream.frames > 0 else None
+            decoded = {}
+            for k, frame in enumerate(container.decode(stream)):
+                if want is None or k in want:
+                    decoded[k] = frame  # kept as decoded; converted to RGB only if chosen
+                if want is not None and k >= want[-1]:
+                    break
+        if not decoded:
             raise ValueError("no decodable video frames")
-        clip = np.stack([frames[k] for k in self.pick(len(frames), gen)])  # [T,h,w,3] uint8
+        if want is None:
+            want = self.pick(len(decoded), gen)
+        last = max(decoded)  # a header that over-counts: the clip repeats its last frame, as a short clip does
+        clip = np.stack([decoded[min(k, last)].to_ndarray(format="rgb24") for k in want])  # [T,h,w,3] uint8
         return torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 255.0
 
 
-class Synthetic(torch.utils.data.Dataset):
-    """Procedural, class-labelled images and clips (10 classes), deterministic per index; eval indices draw from a
-    different stream than train. Class = shape (disc, square, triangle, ring, cross, striped square, striped disc,
-    checker, diamond, two discs) and hue; position, size, background, texture and motion vary within a class."""
-
-    num_classes = 10
-    source = "synthetic"
+class Procedural(torch.utils.data.Dataset):
+    """Drawn, not read: sample `index` is the same image (or clip) every time, from a generator seeded by the index,
+    and the eval split draws from another stream than train. Training adds the same augmentation as real data, drawn
+    from the key's seed (keys as for folders), so sharding and exact resume hold as for files."""
 
     def __init__(self, size, num_frames=1, train=False, length=None):
         self.size, self.num_frames, self.train = size, num_frames, train
@@ -158,12 +183,23 @@ class Synthetic(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
         gen = torch.Generator().manual_seed(index + (0 if self.train else 10 ** 9))
-        label = index % self.num_classes
-        frames = draw(label, self.size, self.num_frames, gen)  # [T,3,S,S] in [0,1]
-        if self.train:  # same augmentation as real data
-            frames = transform(frames, self.size, torch.Generator().manual_seed(seed))
+        frames, label = self.render(index, gen)  # [T,3,S,S] in [0,1]
+        if self.train:
+            frames = transform(frames, self.size, torch.Generator().manual_seed(seed), square=self.num_frames > 1)
         x = frames * 2 - 1
         return (x[0] if self.num_frames == 1 else x.transpose(0, 1)).contiguous(), label
+
+
+class Synthetic(Procedural):
+    """Class-labelled shapes (10 classes). Class = shape (disc, square, triangle, ring, cross, striped square, striped
+    disc, checker, diamond, two discs) and hue; position, size, background, texture and motion vary within a class."""
+
+    num_classes = 10
+    source = "synthetic"
+
+    def render(self, index, gen):
+        label = index % self.num_classes
+        return draw(label, self.size, self.num_frames, gen), label
 
 
 def draw(label, size, num_frames, gen):
@@ -201,32 +237,136 @@ def draw(label, size, num_frames, gen):
     return frames.transpose(0, 1).clamp(0, 1)  # [T,3,S,S]
 
 
-def build_dataset(source, image_size, num_frames=1, train=False, frame_stride=2, length=None):
-    """The entry point (SPEC §8): a folder or "synthetic" -> Dataset of (x, label)."""
-    if source == "synthetic":
-        return Synthetic(image_size, num_frames, train, length)
+class DeadLeaves(Procedural):
+    """The dead-leaves model (Matheron; Lee, Mumford and Huang 2001, "Occlusion models for natural images"): images
+    with the power spectrum and edges of photographs, for tokenizer experiments without a download. Unlabelled (0
+    classes, label -1), like a flat folder of photos: the model has no classes, and invented ones would not mean
+    anything to a class-conditional DiT."""
+
+    num_classes = 0
+    source = "deadleaves"
+
+    def render(self, index, gen):
+        return dead_leaves(self.size, self.num_frames, gen), -1
+
+
+def dead_leaves(size, num_frames, gen, rmin=1.0, rmax=None, cover=3.0):
+    """One dead-leaves clip [T,3,S,S] in [0,1]. Discs and rotated rectangles fall one on another in random order; radii
+    have density r^-3 between rmin pixels and the image size, the scale-invariant law that gives a 1/f^2 power
+    spectrum. Each leaf has a colour (a luminance and a weaker tint), a linear shading and, on half of them, a
+    grating; leaves drift by up to half a pixel per frame (at 64^2). Enough leaves fall to cover the image `cover`
+    times on average; leaf 0, under all others, covers it all. Vectorised: each leaf tests a square of pixels of
+    half-width the power of two above its radius; with r^-3 radii every octave of sizes costs about the same."""
+    S, T = size, num_frames
+    rmax = float(rmax or S)
+    mean_r2 = 2 * rmin ** 2 * rmax ** 2 * math.log(rmax / rmin) / (rmax ** 2 - rmin ** 2)  # E[r^2] under r^-3
+    n = int(cover * S * S / (math.pi * mean_r2))
+    u = torch.rand(n + 1, 19, generator=gen).numpy()  # leaf i's numbers; higher i lies on top
+    radius = (rmin ** -2 - u[:, 0] * (rmin ** -2 - rmax ** -2)) ** -0.5  # inverse CDF of r^-3 on [rmin, rmax]
+    radius[0] = 2 * S
+    t = np.arange(T)[:, None]
+    cy, cx = u[:, 1] * S + (u[:, 3] - 0.5) * t * S / 64, u[:, 2] * S + (u[:, 4] - 0.5) * t * S / 64  # [T,n+1]
+    cos, sin = np.cos(u[:, 5] * math.pi), np.sin(u[:, 5] * math.pi)
+    rect, aspect = u[:, 6] < 0.5, math.pi / 8 + u[:, 7] * math.pi / 8
+    half_a, half_b = radius * np.sin(aspect), radius * np.cos(aspect)  # a rectangle's half sides (half diagonal r)
+    # Leaves in groups of one shape and one octave of radius; a group's pixels are indices into a canvas padded by
+    # P on each side, wide enough for any square that fits, so that no pixel needs a bounds test.
+    octave = np.maximum(np.ceil(np.log2(radius)), 0).astype(np.int64)
+    group = 2 * octave + rect
+    P = S // 2 + math.ceil(T * S / 128) + 2
+    W = S + 2 * P
+    order, lo, flats, ids = np.argsort(group, kind="stable"), 0, [], []
+    for g, m in enumerate(np.bincount(group).tolist()):
+        sel, lo = order[lo:lo + m], lo + m
+        if not m:
+            continue
+        b = g // 2
+        if 2 ** (b + 1) + 1 >= S:  # a square larger than the image: the image's pixels
+            offsets, y0, x0 = np.arange(S), np.zeros((T, m, 1), dtype=np.int64), np.zeros((T, m, 1), dtype=np.int64)
+        else:
+            offsets = np.arange(-2 ** b, 2 ** b + 1)
+            y0, x0 = np.floor(cy[:, sel, None]).astype(np.int64), np.floor(cx[:, sel, None]).astype(np.int64)
+        oy, ox = np.repeat(offsets, len(offsets)), np.tile(offsets, len(offsets))  # [Q] the square's pixels
+        dy = (y0 + 0.5 - cy[:, sel, None]).astype(np.float32) + oy.astype(np.float32)  # [T,m,Q] from the centre
+        dx = (x0 + 0.5 - cx[:, sel, None]).astype(np.float32) + ox.astype(np.float32)
+        if g % 2:  # rectangles, in their own axes
+            c, s = cos[sel, None], sin[sel, None]
+            inside = (abs(c * dx + s * dy) < half_a[sel, None]) & (abs(c * dy - s * dx) < half_b[sel, None])
+        else:
+            inside = dx * dx + dy * dy < radius[sel, None] ** 2
+        flat = ((t[:, :, None] * W + y0 + P) * W + x0 + P) + (oy * W + ox)  # [T,m,Q] in the padded canvas
+        flats.append(flat[inside])
+        ids.append(np.broadcast_to(sel[:, None], inside.shape)[inside])
+    top = np.zeros(T * W * W, dtype=np.int64)
+    np.maximum.at(top, np.concatenate(flats), np.concatenate(ids))  # the last leaf to fall on each pixel
+    top = top.reshape(T, W, W)[:, P:P + S, P:P + S]
+    k = top.reshape(T, S * S)  # [T,S*S] the leaf seen at each pixel
+    # Texture, per leaf: a shading ramp of up to +-0.2 across its radius, and on half the leaves a grating of
+    # wavelength 2 px to about its radius and amplitude up to 0.1; a colour = a luminance and a weaker tint.
+    ramp = (u[:, 13:14] - 0.5) * 0.4 / radius[:, None] * np.stack([np.cos(u[:, 14] * 2 * math.pi),
+                                                                     np.sin(u[:, 14] * 2 * math.pi)], 1)
+    wavenumber = 2 * math.pi / np.exp(math.log(2) + u[:, 16] * np.log(np.maximum(radius, 2) / 2 + 1))
+    wave = wavenumber[:, None] * np.stack([np.cos(u[:, 17] * math.pi), np.sin(u[:, 17] * math.pi)], 1)
+    amplitude = np.maximum(u[:, 15] - 0.5, 0) * 0.2
+    colour = u[:, 8:9] + (u[:, 9:12] - 0.5) * 0.6 * u[:, 12:13]
+    table = np.concatenate([colour, ramp, wave, amplitude[:, None], u[:, 18:19] * 2 * math.pi], 1).astype(np.float32)
+    leaf = table[k]  # [T,S*S,9]
+    yy, xx = np.divmod(np.arange(S * S), S)
+    dy = (yy + 0.5 - np.take_along_axis(cy, k, 1)).astype(np.float32)  # [T,S*S] from the leaf's centre
+    dx = (xx + 0.5 - np.take_along_axis(cx, k, 1)).astype(np.float32)
+    texture = leaf[..., 3] * dy + leaf[..., 4] * dx + leaf[..., 7] * np.sin(leaf[..., 5] * dy + leaf[..., 6] * dx
+                                                                              + leaf[..., 8])
+    image = np.clip(leaf[..., :3] + texture[..., None], 0, 1)  # [T,S*S,3]
+    return torch.from_numpy(image).view(T, S, S, 3).permute(0, 3, 1, 2)
+
+
+def build_dataset(source, image_size, num_frames=1, train=False, frame_stride=3, split_file=None, length=None):
+    """The entry point: a folder, "synthetic" or "deadleaves" -> Dataset of (x, label). frame_stride: the step between
+    a clip's frames (3: the paper's 8 fps on UCF-101's 25 fps). split_file: a list of the files to use, paths relative
+    to `source` (UCF-101's trainlist01.txt); a bare name ("trainlist01") is looked for in the official layout's
+    ucfTrainTestlist folder, inside or beside `source`. length: the size of a procedural source."""
+    if source in ("synthetic", "deadleaves"):
+        if split_file is not None:
+            raise ValueError(f"split_file selects files of a folder; {source} has none")
+        return (Synthetic if source == "synthetic" else DeadLeaves)(image_size, num_frames, train, length)
     if not os.path.isdir(source):
-        raise FileNotFoundError(f"dataset folder {source} does not exist (or pass 'synthetic')")
-    args = dict(size=image_size, num_frames=num_frames, train=train, source=source, stride=frame_stride)
+        raise FileNotFoundError(f"dataset folder {source} does not exist (or pass 'synthetic' or 'deadleaves')")
+    kind, items, labels, num_classes = _find(source, num_frames)
+    if split_file is not None:
+        keep = _listed(source, split_file, items)
+        items, labels = [items[i] for i in keep], [labels[i] for i in keep]
+    if kind is VideoFolder:
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise ImportError(f"reading the videos in {source} needs PyAV: pip install av") from None
+    return kind(items, labels, num_classes, size=image_size, num_frames=num_frames, train=train, source=source,
+                stride=frame_stride)
+
+
+def _find(source, num_frames):
+    """The layout of a folder -> (dataset class, items, labels, number of classes)."""
     files, dirs = _scan(source, IMAGE_EXTS | VIDEO_EXTS)
     if num_frames == 1:
         images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
         if images:  # a flat folder (COCO val2017): unlabelled
-            return ImageFolder(images, [-1] * len(images), 0, **args)
+            return ImageFolder, images, [-1] * len(images), 0
         items, labels = [], []
         for label, d in enumerate(dirs):  # ImageNet: class sub-folders in sorted order
             found = _scan(d, IMAGE_EXTS)[0]
             items += found
             labels += [label] * len(found)
         if items:
-            return ImageFolder(items, labels, len(dirs), **args)
+            return ImageFolder, items, labels, len(dirs)
         raise ValueError(f"no images found in {source}: expected image files, or class sub-folders of images")
     videos = [f for f in files if os.path.splitext(f)[1].lower() in VIDEO_EXTS]
     if videos:
-        return VideoFolder(videos, [-1] * len(videos), 0, **args)
+        return VideoFolder, videos, [-1] * len(videos), 0
+    # Class folders; a folder with neither media nor sub-folders (UCF-101's ucfTrainTestlist of .txt) is no class.
+    scans = [(d, *_scan(d, IMAGE_EXTS | VIDEO_EXTS)) for d in dirs]
+    scans = [(d, sub_files, sub_dirs) for d, sub_files, sub_dirs in scans if sub_files or sub_dirs]
     items, labels, kind = [], [], None
-    for label, d in enumerate(dirs):
-        sub_files, sub_dirs = _scan(d, IMAGE_EXTS | VIDEO_EXTS)
+    for label, (d, sub_files, sub_dirs) in enumerate(scans):
         if any(os.path.splitext(f)[1].lower() in VIDEO_EXTS for f in sub_files):  # UCF-101: class/video.avi
             found, kind = [f for f in sub_files if os.path.splitext(f)[1].lower() in VIDEO_EXTS], VideoFolder
         elif sub_files:  # root/clip/frames: unlabelled clips
@@ -238,13 +378,36 @@ def build_dataset(source, image_size, num_frames=1, train=False, frame_stride=2,
     if not items:
         raise ValueError(f"no videos found in {source}: expected class folders of video files "
                          f"({', '.join(sorted(VIDEO_EXTS))}), or folders of frames")
-    if kind is VideoFolder:
-        try:
-            import av  # noqa: F401
-        except ImportError:
-            raise ImportError(f"reading the videos in {source} needs PyAV: pip install av") from None
-    num_classes = 0 if all(label < 0 for label in labels) else len(dirs)
-    return kind(items, labels, num_classes, **args)
+    return kind, items, labels, 0 if all(label < 0 for label in labels) else len(scans)
+
+
+def _listed(source, split_file, items):
+    """Indices of the items that split_file lists. Lines are "Class/v_x.avi 1" or "Class/v_x.avi": UCF-101's label
+    column is ignored, as labels come from the sorted class folders (the same for every split; UCF-101's own
+    numbering sorts case-blind and differs from it in places). Every listed file must exist."""
+    path = split_file
+    if not os.path.isfile(path):
+        name = os.path.basename(path) if path.endswith(".txt") else os.path.basename(path) + ".txt"
+        places = [os.path.join(source, "ucfTrainTestlist", name),
+                  os.path.join(os.path.dirname(os.path.abspath(source)), "ucfTrainTestlist", name),
+                  os.path.join(source, name)]
+        path = next((p for p in places if os.path.isfile(p)), None)
+        if path is None:
+            raise FileNotFoundError(f"split file {split_file} not found, nor at {', '.join(places)}")
+    listed = []
+    with open(path) as f:
+        for line in f:
+            parts = line.strip().rsplit(maxsplit=1)
+            if parts:
+                rel = parts[0] if len(parts) == 2 and parts[1].isdigit() else line.strip()
+                listed.append(os.path.normpath(rel.replace("\\", "/")))
+    where = {os.path.normpath(os.path.relpath(item, source)): i for i, item in enumerate(items)}
+    missing = [rel for rel in listed if rel not in where]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} files listed in {path} are not in {source}: "
+                                + ", ".join(os.path.join(source, rel) for rel in missing[:3])
+                                + (", ..." if len(missing) > 3 else ""))
+    return sorted({where[rel] for rel in listed})
 
 
 def index_seed(index, seed=0, epoch=0):
@@ -320,3 +483,36 @@ def save_grid(path, x, x_hat, max_items=8):
         nrow = min(max_items, x.shape[0])
         x, x_hat = x[:nrow], x_hat[:nrow]
     save_image(torch.cat([x, x_hat]).float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)
+
+
+def shard(dataset, num_samples, rank, world):
+    """The first num_samples items (default all) split over ranks: rank r takes items r, r + world, ... (their global
+    indices are the Subset's .indices). Returns (n, Subset)."""
+    n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
+    return n, torch.utils.data.Subset(dataset, list(range(rank, n, world)))
+
+
+def open_shard(path, rank, rows, shape, dtype=np.uint8):
+    """This rank's rows of an array that will be saved as `path` (.npz): a memory-mapped .npy beside it, filled as the
+    rows are made, so that no process holds more than a batch of them."""
+    return np.lib.format.open_memmap(f"{path}.rank{rank}.npy", mode="w+", dtype=dtype, shape=(rows, *shape))
+
+
+def join_shards(path, n, world, block=256, head=16):
+    """Rank 0, after every rank has flushed its shard: the n rows in global order (row i is row i // world of rank
+    i % world's shard, as `shard` deals them) written to `path` as np.savez writes `arr_0`, one block of rows at a time,
+    so memory stays one block for any n; the shards are then removed. Returns the first `head` rows (a preview)."""
+    shards = [np.load(f"{path}.rank{r}.npy", mmap_mode="r") for r in range(world)]
+    header = {**np.lib.format.header_data_from_array_1_0(shards[0][:1]), "shape": (n, *shards[0].shape[1:])}
+    with zipfile.ZipFile(f"{path}.tmp", "w", allowZip64=True) as archive:  # stored, not compressed: as np.savez
+        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for start in range(0, n, block):
+                rows = np.stack([shards[i % world][i // world] for i in range(start, min(n, start + block))])
+                f.write(rows.tobytes())
+                if start == 0:
+                    first = rows[:head].copy()
+    os.replace(f"{path}.tmp", path)  # complete or absent, never half-written
+    for r in range(world):
+        os.remove(f"{path}.rank{r}.npy")
+    return first

@@ -1,4 +1,4 @@
-"""DiT on ViTok latents (§3.3, §4.3) and the Gaussian diffusion it is trained and sampled with (SPEC §4).
+"""DiT on ViTok latents (§3.3, §4.3) and the Gaussian diffusion it is trained and sampled with.
 
     x [B,L,c] latent tokens -> Linear(c -> D) -> adaLN-Zero blocks (timestep + class) -> [B,L,2c] (epsilon, v)
 
@@ -65,8 +65,8 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Class-conditional DiT on a (t,h,w) grid of latent tokens with c channels; label num_classes is the null class.
 
-    Class dropout lives outside the model (drop_labels, called by train_dit.py), not in DiT's LabelEmbedder, so that
-    the training script draws it from its per-step generator like every other random number of a step.
+    Class dropout lives outside the model (drop_labels, which train_dit.py calls with its per-step random draws), not
+    in DiT's LabelEmbedder.
     """
 
     def __init__(self, channels=16, grid=(1, 16, 16), num_classes=1000, width=1024, depth=24, heads=16,
@@ -74,7 +74,7 @@ class DiT(nn.Module):
         super().__init__()
         self.channels, self.grid, self.num_classes = channels, tuple(grid), num_classes
         self.width, self.heads, self.grad_ckpt = width, heads, grad_ckpt
-        self.x_embed = nn.Linear(channels, width)  # one token per latent token: no patchify (SPEC §4)
+        self.x_embed = nn.Linear(channels, width)  # one token per latent token: no patchify (§3.3)
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = nn.Embedding(num_classes + 1, width)  # + the null class for classifier-free guidance
         self.blocks = nn.ModuleList([DiTBlock(width, heads) for _ in range(depth)])
@@ -109,7 +109,7 @@ class DiT(nn.Module):
         return self.out(modulate(self.norm(h), shift, scale))  # [B,L,2c]
 
 
-# SPEC §4: B 768/12/12, L 1024/24/16 (458.0M with c=16; the paper's "400M"), XL 1152/28/16 (675.1M); tiny is ours.
+# Sizes (DiT Table 1): B 768/12/12, L 1024/24/16 (458.0M with c=16; the paper's "400M"), XL 1152/28/16 (675.1M); tiny is ours.
 DiT_models = {
     "DiT-B": partial(DiT, width=768, depth=12, heads=12),
     "DiT-L": partial(DiT, width=1024, depth=24, heads=16),
@@ -117,13 +117,11 @@ DiT_models = {
     "DiT-tiny": partial(DiT, width=128, depth=4, heads=2),
 }
 
-CLASS_DROPOUT = 0.1  # DiT's class_dropout_prob
-
-
-def drop_labels(y, num_classes, prob=CLASS_DROPOUT, generator=None):
-    """Class dropout for classifier-free guidance: each label of y [B] becomes the null class with probability prob."""
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < prob
-    return torch.where(drop, torch.full_like(y, num_classes), y)
+def drop_labels(y, num_classes, u, prob=0.1):
+    """Class dropout for classifier-free guidance (DiT's 0.1): label y_i [B] becomes the null class num_classes where
+    its uniform draw u_i < prob; unlabelled samples (y < 0) always do. The training script draws u from its per-step
+    generator like every other random number of a step."""
+    return torch.where((u < prob) | (y < 0), torch.full_like(y, num_classes), y)
 
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
@@ -132,7 +130,7 @@ def forward_with_cfg(model, x, t, y, cfg_scale):
 
     The conditional and unconditional halves run as one doubled batch; scale 1 is one plain conditional call. A
     function rather than DiT's method, so that it also runs a torch.compile'd model. DiT guides only the first 3
-    channels "for exact reproducibility"; we guide all c epsilon channels, the standard form (SPEC §4).
+    channels "for exact reproducibility"; we guide all c epsilon channels, the standard form (README, Differences).
     """
     if cfg_scale == 1.0:
         return model(x, t, y).float()
@@ -202,7 +200,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """log of the mass a Gaussian (mean, std e^log_scale) puts on x's 8-bit bin of [-1,1] (DDPM §3.3, the decoder
     L_0), elementwise; the edge bins extend to -inf and +inf. Our latents are continuous and unbounded, not 8-bit
-    pixels: DiT applies this term at t=0 to its latents regardless, and we follow DiT (SPEC §4).
+    pixels: DiT applies this term at t=0 to its latents regardless, and we follow DiT (README, Differences).
 
     Unlike IDDPM (a tanh approximation of the normal CDF, differences of CDFs near 1) every mass is taken in the
     lower tail, by the bins' symmetry about the mean, with erfc: fp32 keeps its digits there. Floored at 1e-12 as
@@ -259,7 +257,7 @@ def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
     Over the respaced chain tau = respaced_timesteps(steps), with abar_{tau_{-1}} = 1 so that the last step returns
     the predicted x0, and sigma_i = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev) (DDIM Eq. 16);
     eta = 0 is deterministic. The model sees the original timestep indices (as DiT's respacing wrapper gives it).
-    DDIM uses epsilon only: the learned variance would matter for ancestral (DDPM) sampling, which SPEC §4 does not
+    DDIM uses epsilon only: the learned variance would matter for ancestral (DDPM) sampling, which the paper does not
     use. No x0 clipping: latents are unbounded, unlike pixels in [-1, 1].
     """
     timesteps = respaced_timesteps(steps)

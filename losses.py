@@ -2,7 +2,7 @@
 
 The KL term is the posterior's own (`vitok.DiagonalGaussian.kl`). Here: MSE, LPIPS (VGG, through the `lpips`
 package), the StyleGAN2-style residual discriminator that tokenizer work uses, and its hinge losses. Videos are
-scored frame by frame: LPIPS and the discriminator see the frames folded into the batch (SPEC §2).
+scored frame by frame: LPIPS and the discriminator see the frames folded into the batch.
 """
 import math
 import os
@@ -96,14 +96,22 @@ class ResBlock(nn.Module):
         return (main + self.skip(self.skip_blur(x))) / math.sqrt(2)
 
 
-class Discriminator(nn.Module):
-    """x [B,3,H,W] (or video [B,3,T,H,W], frames folded) -> logits [N]. Channels 64, 128, 256, 512, 512, ... from
-    image_size down to 4x4 (six blocks at 256^2, five at 128^2), then conv3x3, flatten, Linear, Linear."""
+def disc_channels(image_size, max_channels=512):
+    """StyleGAN2's width at full resolution: 16384 / size, at most 512 (32 at 512^2, 64 at 256^2, 128 at 128^2),
+    as the official ViTok code sets it."""
+    return min(16384 // image_size, max_channels)
 
-    def __init__(self, image_size=256, base_channels=64, max_channels=512):
+
+class Discriminator(nn.Module):
+    """x [B,3,H,W] (or video [B,3,T,H,W], frames folded) -> logits [N]. The width doubles with each halving, from
+    base_channels at full resolution (default: disc_channels(image_size)) up to 512, down to 4x4 (six blocks at
+    256^2, five at 128^2), then conv3x3, flatten, Linear, Linear. Xavier-uniform init, as the official code."""
+
+    def __init__(self, image_size=256, base_channels=None, max_channels=512):
         super().__init__()
         if image_size < 8 or image_size & (image_size - 1):
             raise ValueError(f"the discriminator needs a power-of-two image size >= 8, got {image_size}")
+        base_channels = base_channels or disc_channels(image_size, max_channels)
         self.image_size = image_size
         n_blocks = int(math.log2(image_size)) - 2  # halve down to 4x4
         ch = [min(base_channels * 2 ** i, max_channels) for i in range(n_blocks + 1)]
@@ -112,6 +120,11 @@ class Discriminator(nn.Module):
         self.conv = nn.Conv2d(ch[-1], ch[-1], 3, padding=1)
         self.fc = nn.Linear(ch[-1] * 4 * 4, ch[-1])
         self.out = nn.Linear(ch[-1], 1)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):
         x = frames_to_batch(x)  # [N,3,H,W]

@@ -1,13 +1,15 @@
-"""Train the ViTok tokenizer (§3.2 and App. A): stage 1 (MSE + KL + LPIPS), then stage 2 (+ GAN, decoder only).
+"""Train the ViTok tokenizer (§3.2, App. A): stage 1 (MSE + KL + LPIPS), then stage 2 (+ GAN, decoder only).
 
     python train_ae.py --preset tiny                                     # CPU demo, a few minutes, writes ae.pt
     torchrun --nproc_per_node=8 train_ae.py --stage 1 --data /datasets/imagenet/train --ckpt stage1.pt
     torchrun --nproc_per_node=8 train_ae.py --stage 2 --data /datasets/imagenet/train --init stage1.pt --ckpt ae.pt
 
-The helpers at the top (distributed setup, precision, EMA, checkpoints, schedule) are shared with train_dit.py and
-evaluate.py, which import them from here.
+main() is the recipe: setup, build, resume, loop, save. The bookkeeping that train_dit.py shares with it (flags from
+one defaults dict, resume with a configuration check, EMA, the interval log, the finite check, atomic checkpoints)
+is the small kit at the end of this file.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -15,92 +17,60 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import autocast, cleanup_distributed, save_grid, setup_distributed, step_generator
+import data
+import losses
+import vitok
+from data import autocast, save_grid, step_generator
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Shared training machinery
-# --------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over parameters (buffers are copied)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
-def lr_at(step, total, peak, warmup_frac=0.03, final=1e-5):
-    """Linear warmup over 3% of the steps, then cosine decay to `final` (SPEC §3)."""
-    warmup = max(1, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
-
-
-def rng_state():
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """A checkpoint is a plain dict of tensors, numbers, strings and lists: safe to load with weights_only."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class Logger:
-    """One fixed-width line per interval on rank 0 and the same numbers appended to metrics.jsonl."""
-
-    def __init__(self, path, rank):
-        self.path, self.rank = path, rank
-
-    def __call__(self, step, metrics):
-        if self.rank != 0:
-            return
-        print(f"step {step:>8d} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def interval_means(history, world):
-    """Average the per-step scalars of one log interval over steps and ranks: the only host sync in the loop."""
-    names = list(history[0])
-    values = torch.stack([torch.stack([h[k].float() for k in names]) for h in history]).mean(0)  # [metrics]
-    if world > 1:
-        dist.all_reduce(values)
-        values /= world
-    return dict(zip(names, values.tolist()))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The recipe (SPEC §3). Defaults are the paper's stage-1 ImageNet run; presets only override fields; flags win.
-# --------------------------------------------------------------------------------------------------------------
+# The paper's stage-1 ImageNet run (§3.2, App. A): every constant of the recipe is here, and every entry with a help
+# line below is also a flag. Presets override entries; explicit flags override presets.
 DEFAULTS = dict(
     stage=1, model="S-B/16", channels=16, data=None, image_size=256, num_frames=1,
-    global_batch_size=None,  # stage 1: 1024 images / 256 videos; stage 2: 256 / 128
+    frame_stride=3, split_file=None,  # video: 8 fps on UCF-101's 25 fps; its official train list
+    global_batch_size=None,  # stage 1: 1024 images / 256 clips; stage 2: 256 / 128
     steps=100_000, ckpt=None, init=None, out_dir=None,
-    lr=1e-4,  # peak lr for a global batch of 256, scaled linearly with the batch
-    beta=1e-3, lpips_weight=1.0, gan_weight=0.05, gan_ramp=25_000, disc_lr=2e-5, disc_channels=64,
-    weight_decay=1e-4, grad_clip=1.0, ema=0.9999, precision="bf16", compile=False, grad_ckpt=False,
-    workers=8, seed=0, log_every=100, ckpt_every=2_000, sample_every=5_000,
+    lr=1e-4, warmup=0.03, final_lr=1e-5,  # peak lr for a global batch of 256 (scaled linearly), 3% warmup, cosine
+    betas=(0.9, 0.95), weight_decay=1e-4, grad_clip=1.0,
+    beta=1e-3, lpips_weight=1.0,  # Eq. 1: the KL weight beta and the LPIPS weight eta
+    gan_weight=0.05, gan_ramp=25_000,  # lambda (the appendix's ablation; the main text says 1.0), ramped in
+    disc_lr=2e-5, disc_channels=None,  # None: StyleGAN2's width for the resolution (64 at 256^2)
+    ema=0.9999, ema_warmup=10,  # decay min(ema, (1 + step) / (ema_warmup + step)); 0 turns the warm-up off
+    precision="bf16", compile=False, grad_ckpt=False, workers=8, seed=0,
+    log_every=100, ckpt_every=2_000, sample_every=5_000,
 )
+HELP = {
+    "stage": "1: MSE + KL + LPIPS; 2: + GAN, encoder frozen",
+    "model": "tokenizer <encoder>-<decoder>/<patch> or /<tubelet>x<patch>: S-B/16, S-L/16, S-B/4x8, tiny",
+    "channels": "latent channels c",
+    "data": "dataset folder, 'synthetic' or 'deadleaves'",
+    "image_size": "training resolution",
+    "num_frames": "frames per clip; 1 = images",
+    "frame_stride": "video: keep every n-th frame",
+    "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",
+    "global_batch_size": "images or clips per step over all ranks (None: 1024/256 in stage 1, 256/128 in stage 2)",
+    "steps": "optimizer steps",
+    "ckpt": "checkpoint written at intervals, resumed from when it exists (None: ae.pt, stage 2 ae_stage2.pt)",
+    "init": "stage 2: the stage-1 checkpoint to start from",
+    "out_dir": "metrics.jsonl and reconstruction grids (None: <ckpt>-logs)",
+    "lr": "peak learning rate for a global batch of 256",
+    "beta": "KL weight",
+    "lpips_weight": "LPIPS weight eta; 0 turns LPIPS off",
+    "gan_weight": "stage 2: adversarial weight lambda",
+    "gan_ramp": "stage 2: steps over which lambda ramps up from 0",
+    "disc_lr": "discriminator learning rate for a global batch of 256",
+    "disc_channels": "discriminator width at full resolution (None: by resolution, as StyleGAN2)",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient-norm clipping of the tokenizer",
+    "ema": "EMA decay",
+    "precision": "bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
+    "compile": "torch.compile the tokenizer and the discriminator",
+    "grad_ckpt": "activation checkpointing in the transformer blocks",
+    "workers": "data-loader workers per rank",
+    "seed": "seed of weights, data order and noise",
+    "log_every": "steps per log line", "ckpt_every": "steps per checkpoint", "sample_every": "steps per grid",
+}
 PRESETS = {
     # CPU demo: a tiny model with 16x16 patches on synthetic 64x64 images (16 tokens of 16 channels), about four
     # minutes on 2 cores. No LPIPS (it needs the VGG16 weights); a narrow discriminator for the stage-2 demo.
@@ -108,237 +78,300 @@ PRESETS = {
                  lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3, ema=0.999, precision="fp32",
                  workers=2, log_every=50, ckpt_every=300, sample_every=600),
     # The same for 4-frame 32x32 synthetic clips with 2x8x8 tubelets.
-    "tiny-video": dict(model="T-T/2x8", data="synthetic", image_size=32, num_frames=4, global_batch_size=16,
-                       steps=1000, lr=24e-3, lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3,
-                       ema=0.999, precision="fp32", workers=2, log_every=50, ckpt_every=300, sample_every=600),
+    "tiny-video": dict(model="T-T/2x8", data="synthetic", image_size=32, num_frames=4, global_batch_size=16, steps=1000, lr=24e-3, lpips_weight=0.0, gan_ramp=200, disc_channels=16,
+                       disc_lr=2e-3, ema=0.999, precision="fp32", workers=2, log_every=50, ckpt_every=300,
+                       sample_every=600),
 }
 
 
-def resolve_config(args):
-    cfg = {**DEFAULTS, **PRESETS.get(args.preset, {})}
-    cfg.update({k: v for k, v in vars(args).items() if v is not None})
-    video = cfg["num_frames"] > 1
-    if cfg["global_batch_size"] is None:
-        cfg["global_batch_size"] = {1: (1024, 256), 2: (256, 128)}[cfg["stage"]][video]
-    if cfg["ckpt"] is None:
-        cfg["ckpt"] = "ae.pt" if cfg["stage"] == 1 else "ae_stage2.pt"
-    if cfg["out_dir"] is None:
-        cfg["out_dir"] = os.path.splitext(cfg["ckpt"])[0] + "-logs"
-    if cfg["data"] is None:
+def resolve(args):
+    """The run's configuration: defaults < preset < flags, then the fields derived from them (set here only)."""
+    config = merge(args, DEFAULTS, PRESETS, kind="ae")
+    if config["data"] is None:
         raise SystemExit("train_ae.py: --data is required: a dataset folder, or 'synthetic' for the built-in source")
-    return {**cfg, "kind": "ae"}
+    video = config["num_frames"] > 1
+    if config["global_batch_size"] is None:  # App. A: smaller batches for stage 2 and for video
+        config["global_batch_size"] = {1: (1024, 256), 2: (256, 128)}[config["stage"]][video]
+    if config["ckpt"] is None:  # stage 2 writes its own file, so that stage 1's stays as it was
+        config["ckpt"] = "ae.pt" if config["stage"] == 1 else "ae_stage2.pt"
+    if config["out_dir"] is None:
+        config["out_dir"] = os.path.splitext(config["ckpt"])[0] + "-logs"
+    if config["disc_channels"] is None:
+        config["disc_channels"] = losses.disc_channels(config["image_size"])
+    return config
+
+
+def lr_at(step, total, peak, warmup, final):
+    """Linear warmup over the first `warmup` fraction of the steps, then cosine decay from peak to `final`."""
+    warmup_steps = max(1, int(warmup * total))
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
 
 
 def main(args):
-    import data
-    import losses
-    import vitok
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    cfg = resolve_config(args)
-    rank, world, device = setup_distributed()
-    stage, gb, steps, seed = cfg["stage"], cfg["global_batch_size"], cfg["steps"], cfg["seed"]
-    if gb % world:
-        raise SystemExit(f"train_ae.py: --global-batch-size {gb} does not split over {world} ranks")
-    batch = gb // world
-    torch.manual_seed(seed)  # the same initial weights on every rank and for every world size
-    log = Logger(os.path.join(cfg["out_dir"], "metrics.jsonl"), rank)
-    if rank == 0:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        print("config:", json.dumps(cfg, sort_keys=True), flush=True)
+    config = resolve(args)
+    run = Run(config)
+    device, stage, gb, seed = run.device, config["stage"], config["global_batch_size"], config["seed"]
 
     # Build. LPIPS first: with eta > 0 a missing VGG16 file stops the run here, before any work is done.
-    lpips = losses.LPIPS().to(device) if cfg["lpips_weight"] > 0 else None
-    if lpips is None and rank == 0:
-        print("LPIPS is off (--lpips-weight 0): the loss is MSE + beta KL"
-              + (" + GAN" if stage == 2 else "") + "; no VGG16 weights needed", flush=True)
-    model = vitok.from_name(cfg["model"], channels=cfg["channels"], grad_ckpt=cfg["grad_ckpt"]).to(device)
-    disc = losses.Discriminator(cfg["image_size"], cfg["disc_channels"]).to(device) if stage == 2 else None
-
-    # Load: resume from --ckpt when it exists, else (stage 2) start from the stage-1 weights of --init.
-    state, start = None, 0
-    if os.path.exists(cfg["ckpt"]):
-        state = load_checkpoint(cfg["ckpt"])
-        old = state["config"]
-        for key in ("kind", "stage", "model", "channels", "num_frames"):
-            if old.get(key) != cfg[key]:
-                raise SystemExit(f"train_ae.py: cannot resume {cfg['ckpt']}: its {key} is {old.get(key)!r}, this run's"
-                                 f" is {cfg[key]!r}; pass another --ckpt (stage 2 writes its own file)")
-        model.load_state_dict(state["model"])
-        start = state["step"]
-    elif stage == 2:
-        if cfg["init"] is None:
-            raise SystemExit("train_ae.py: stage 2 starts from stage-1 weights: pass --init stage1.pt")
-        init = load_checkpoint(cfg["init"])
-        if (init["config"]["model"], init["config"]["channels"]) != (cfg["model"], cfg["channels"]):
-            raise SystemExit(f"train_ae.py: --init {cfg['init']} holds {init['config']['model']} c="
-                             f"{init['config']['channels']}, not {cfg['model']} c={cfg['channels']}")
-        model.load_state_dict(init.get("ema") or init["model"])  # the EMA is the better stage-1 model
+    lpips = losses.LPIPS().to(device) if config["lpips_weight"] > 0 else None
+    model = vitok.from_name(config["model"], channels=config["channels"], grad_ckpt=config["grad_ckpt"]).to(device)
+    disc = losses.Discriminator(config["image_size"], config["disc_channels"]).to(device) if stage == 2 else None
+    if stage == 2 and run.state is None:
+        model.load_state_dict(stage1_weights(config))
     if stage == 2:  # §3.2: freeze the encoder and its projection to 2c; fine-tune the decoder side only
         for frozen in (model.embed, model.encoder, model.to_moments):
             frozen.requires_grad_(False)
-
-    # Optimizers and EMA (SPEC §3: AdamW (0.9, 0.95), wd 1e-4, lr scaled with the global batch).
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
-    peak = cfg["lr"] * gb / 256
-    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=cfg["weight_decay"], fused=fused)
-    ema = vitok.from_name(cfg["model"], channels=cfg["channels"]).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(state["ema"] if state else model.state_dict())
+    opt = torch.optim.AdamW(params, lr=config["lr"] * gb / 256, betas=config["betas"],
+                            weight_decay=config["weight_decay"], fused=fused)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    stateful = dict(model=model, ema=ema, opt=opt)  # what a checkpoint holds, by its key
     if disc is not None:
-        d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg["disc_lr"] * gb / 256, betas=(0.9, 0.95),
-                                  weight_decay=cfg["weight_decay"], fused=fused)
-    torch.manual_seed(seed * world + rank)  # per-rank streams from here on (sampling noise and data have their own)
-    if state:
-        opt.load_state_dict(state["opt"])
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            d_opt.load_state_dict(state["disc_opt"])
-        if len(state["rng"]) == world:
-            set_rng_state(state["rng"][rank])
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=config["disc_lr"] * gb / 256, betas=config["betas"],
+                                  weight_decay=config["weight_decay"], fused=fused)
+        stateful.update(disc=disc, disc_opt=d_opt)
 
-    # Compile, then DDP; the raw modules are kept for EMA, grids and checkpoints (no _orig_mod./module. prefixes).
-    model_fwd = torch.compile(model) if cfg["compile"] else model
-    disc_fwd = torch.compile(disc) if cfg["compile"] and disc is not None else disc
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model_fwd = DDP(model_fwd, device_ids=ids)
-        disc_ddp = DDP(disc_fwd, device_ids=ids) if disc is not None else None
-    else:
-        disc_ddp = disc_fwd
+    # Resume, then compile and wrap for DDP; the raw modules stay for EMA, grids and checkpoints.
+    run.resume(stateful, same=("kind", "stage", "model", "channels", "num_frames"))
+    model_ddp = run.ddp(run.compile(model))
+    # The discriminator has two handles: the generator's adversarial loss only needs gradients with respect to
+    # x_hat, so it calls D without DDP (D's weights are frozen then, and DDP would wait for their gradients);
+    # D's own step goes through DDP to average them over ranks.
+    disc_fwd = run.compile(disc)
+    disc_ddp = run.ddp(disc_fwd)
 
-    dataset = data.build_dataset(cfg["data"], cfg["image_size"], cfg["num_frames"], train=True)
-    loader = data.infinite_loader(dataset, batch, rank, world, seed, start_step=start, num_workers=cfg["workers"])
+    dataset = data.build_dataset(config["data"], config["image_size"], config["num_frames"], train=True,
+                                 frame_stride=config["frame_stride"], split_file=config["split_file"])
+    loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed, start_step=run.start,
+                                  num_workers=config["workers"])
     x_vis = torch.stack([dataset[i][0] for i in range(8)]).to(device)  # fixed samples for the reconstruction grids
-    tokens = model.grid((cfg["num_frames"], cfg["image_size"], cfg["image_size"]))
-    noise_shape = (gb, tokens[0] * tokens[1] * tokens[2], cfg["channels"])
-    if rank == 0:
-        print(f"{cfg['model']} c={cfg['channels']}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
-              f"({sum(p.numel() for p in params) / 1e6:.1f}M trained), {len(dataset)} samples, {world} rank(s), "
-              f"batch {batch}/rank, stage {stage}, steps {start}->{steps}", flush=True)
+    t, h, w = model.grid((config["num_frames"], config["image_size"], config["image_size"]))
+    noise_shape = (gb, t * h * w, config["channels"])  # the global batch's posterior noise [B,L,c]
+    run.say(f"{config['model']} c={config['channels']}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            f"params ({sum(p.numel() for p in params) / 1e6:.1f}M trained), {len(dataset)} samples, {run.world} "
+            f"rank(s), batch {run.batch}/rank, stage {stage}, steps {run.start}->{config['steps']}")
 
-    last_ckpt = cfg["ckpt"] if state else None
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    history, t0 = [], time.time()
-    for step in range(start, steps):
+    for step in range(run.start, config["steps"]):
         x, _ = next(loader)
         x = x.to(device, non_blocking=True)
-        lr = lr_at(step, steps, peak)
+        lr = lr_at(step, config["steps"], config["lr"] * gb / 256, config["warmup"], config["final_lr"])
         for group in opt.param_groups:
             group["lr"] = lr
-        gen = step_generator(seed, step, device)
-        noise = torch.randn(noise_shape, generator=gen, device=device)[rank::world]  # rows of this rank's samples
+        noise = torch.randn(noise_shape, generator=step_generator(seed, step, device), device=device)
+        noise = noise[run.rank::run.world]  # the rows of this rank's samples
 
-        # Generator / autoencoder step: Eq. 1, L = MSE + beta KL + eta LPIPS + lambda GAN.
-        with autocast(device, cfg["precision"]):
-            x_hat, posterior = model_fwd(x, noise)
+        # The tokenizer's step, Eq. 1: L = MSE + beta KL + eta LPIPS + lambda GAN.
+        with autocast(device, config["precision"]):
+            x_hat, posterior = model_ddp(x, noise)
         terms = {"mse": losses.mse_loss(x_hat, x), "kl": posterior.kl().mean()}
-        loss = terms["mse"] + cfg["beta"] * terms["kl"]
+        loss = terms["mse"] + config["beta"] * terms["kl"]
         if lpips is not None:
             terms["lpips"] = lpips(x_hat, x)
-            loss = loss + cfg["lpips_weight"] * terms["lpips"]
+            loss = loss + config["lpips_weight"] * terms["lpips"]
         if disc is not None:
-            disc.requires_grad_(False)  # the generator's loss must not touch D's gradients
-            with autocast(device, cfg["precision"]):
+            disc.requires_grad_(False)  # the generator's loss must not leave gradients in D
+            with autocast(device, config["precision"]):
                 terms["g_adv"] = losses.g_adv_loss(disc_fwd(x_hat).float())
-            loss = loss + cfg["gan_weight"] * losses.adv_weight(step, cfg["gan_ramp"]) * terms["g_adv"]
+            loss = loss + config["gan_weight"] * losses.adv_weight(step, config["gan_ramp"]) * terms["g_adv"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])  # after backward, for real
+        # Clipped after backward, for real (the official code calls the clip before backward, where it does nothing).
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
         opt.step()
-        update_ema(ema, model, min(cfg["ema"], (1 + step) / (10 + step)))  # warm-up: useful in short runs too
+        update_ema(ema, model, ema_decay(step, config))
 
-        # Discriminator step: hinge loss on real vs reconstructed, one batch through D (and DDP) per step.
+        # The discriminator's step: hinge loss on the real batch and its reconstruction, one pass through D.
         if disc is not None:
             disc.requires_grad_(True)
-            with autocast(device, cfg["precision"]):
+            with autocast(device, config["precision"]):
                 real, fake = disc_ddp(torch.cat([x, x_hat.detach()])).float().chunk(2)
             terms["d_loss"] = losses.d_hinge_loss(real, fake)
             d_opt.zero_grad(set_to_none=True)
-            terms["d_loss"].backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg["grad_clip"])
+            terms["d_loss"].backward()  # not clipped: neither the paper nor StyleGAN2 clips D
             d_opt.step()
 
-        terms["loss"] = loss.detach()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms["loss"]), step, first_bad)
-        history.append({k: v.detach() for k, v in terms.items()})
+        terms.update(loss=loss.detach(), psnr=10 * torch.log10(4.0 / terms["mse"].detach()))  # range 2 in [-1,1]
+        run.end_step(step, terms, stateful, lr=lr)
+        if run.due(step, "sample_every") and run.rank == 0:
+            with torch.no_grad(), autocast(device, config["precision"]):
+                save_grid(os.path.join(config["out_dir"], f"recon_{step + 1:07d}.png"), x_vis, ema(x_vis)[0])
+    run.finish()
+
+
+def stage1_weights(config):
+    """A fresh stage 2 starts from the stage-1 EMA weights of --init (the better stage-1 model)."""
+    if config["init"] is None:
+        raise SystemExit("train_ae.py: stage 2 starts from stage-1 weights: pass --init stage1.pt")
+    init = load_checkpoint(config["init"])
+    if (init["config"]["model"], init["config"]["channels"]) != (config["model"], config["channels"]):
+        raise SystemExit(f"train_ae.py: --init {config['init']} holds {init['config']['model']} c="
+                         f"{init['config']['channels']}, not {config['model']} c={config['channels']}")
+    return init.get("ema") or init["model"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training kit, shared with train_dit.py: flags, resume, EMA, the interval log, the finite check, checkpoints
+# --------------------------------------------------------------------------------------------------------------
+def parse_flags(description, defaults, presets, helps, argv=None):
+    """argparse over the entries of `defaults` that have a help line; each help shows its default. Every flag
+    defaults to None, so that merge() can tell an explicit flag from a preset's value."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets), help="a small named run; explicit flags still win")
+    for name, text in helps.items():
+        default, flag = defaults[name], "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            kind = {"precision": dict(choices=["bf16", "fp32"])}.get(name, {})
+            value = int if name in ("global_batch_size", "disc_channels") else type(default) if default is not None \
+                else str
+            p.add_argument(flag, type=value, help=f"{text} (default: {default})", **kind)
+    return p.parse_args(argv)
+
+
+def merge(args, defaults, presets, kind):
+    """defaults < the preset's entries < explicit flags; `kind` ("ae" or "dit") marks the checkpoint's trainer."""
+    return {**defaults, **presets.get(args.preset, {}), **{k: v for k, v in vars(args).items() if v is not None},
+            "kind": kind}
+
+
+def load_checkpoint(path):
+    """A checkpoint is a plain dict of tensors, numbers, strings and lists: safe to load with weights_only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def ema_decay(step, config):
+    """EMA decay with the usual warm-up, so that short runs have a useful EMA too (README, Differences)."""
+    if config["ema_warmup"] <= 0:
+        return config["ema"]
+    return min(config["ema"], (1 + step) / (config["ema_warmup"] + step))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model over parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class Run:
+    """What a training run does around its recipe. It joins the ranks (one code path for 1..N processes), finds the
+    checkpoint to resume from, logs one line per interval (the loop's only host sync), stops at the first non-finite
+    loss, and writes checkpoints atomically with every rank's RNG state, so that a resumed run is the same run."""
+
+    def __init__(self, config):
+        self.config, self.script = config, f"train_{config['kind']}.py"
+        self.rank, self.world, self.device = data.setup_distributed()
+        gb = config["global_batch_size"]
+        if gb % self.world:
+            raise SystemExit(f"{self.script}: --global-batch-size {gb} does not split over {self.world} ranks")
+        self.batch = gb // self.world
+        self.state = load_checkpoint(config["ckpt"]) if os.path.exists(config["ckpt"]) else None
+        self.start = self.state["step"] if self.state else 0
+        self.last_ckpt = config["ckpt"] if self.state else None  # named in the error when a loss goes non-finite
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, on device
+        self.history, self.t0 = [], time.time()
+        if self.rank == 0:
+            os.makedirs(config["out_dir"], exist_ok=True)
+            print("config:", json.dumps(config, sort_keys=True), flush=True)
+        torch.manual_seed(config["seed"])  # the same initial weights on every rank and for every world size
+
+    def say(self, message):
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def resume(self, stateful, same):
+        """Load every state dict of the checkpoint found at --ckpt (by key) after checking that its `same` entries
+        equal this run's; then each rank draws from its own stream (and an interrupted run's RNG continues)."""
+        if self.state:
+            for key in same:
+                if self.state["config"].get(key) != self.config[key]:
+                    raise SystemExit(f"{self.script}: cannot resume {self.config['ckpt']}: its {key} is "
+                                     f"{self.state['config'].get(key)!r}, this run's is {self.config[key]!r}; "
+                                     f"pass another --ckpt")
+            for key, obj in stateful.items():
+                obj.load_state_dict(self.state[key])
+        torch.manual_seed(self.config["seed"] * self.world + self.rank)
+        if self.state and len(self.state["rng"]) == self.world:
+            torch.set_rng_state(self.state["rng"][self.rank]["cpu"])
+            if "cuda" in self.state["rng"][self.rank] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.state["rng"][self.rank]["cuda"])
+
+    def compile(self, module):
+        return torch.compile(module) if module is not None and self.config["compile"] else module
+
+    def ddp(self, module):
+        if module is None or self.world == 1:
+            return module
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def due(self, step, every):
         done = step + 1
-        if done % cfg["log_every"] == 0 or done == steps:
-            check_finite(first_bad, world, last_ckpt)
-            metrics = interval_means(history, world)
-            elapsed, t0 = time.time() - t0, time.time()
-            metrics.update(psnr=10 * math.log10(4.0 / max(metrics["mse"], 1e-12)), lr=lr,
-                           img_per_s=len(history) * gb / elapsed)
-            if device.type == "cuda":
-                metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            log(done, metrics)
-            history = []
-        if done % cfg["sample_every"] == 0 or done == steps:
-            if rank == 0:
-                with torch.no_grad(), autocast(device, cfg["precision"]):
-                    save_grid(os.path.join(cfg["out_dir"], f"recon_{done:07d}.png"), x_vis, ema(x_vis)[0])
-        if done % cfg["ckpt_every"] == 0 or done == steps:
-            check_finite(first_bad, world, last_ckpt)  # never write a poisoned checkpoint
-            rngs = [rng_state()] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-            if rank == 0:
-                ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "step": done, "config": cfg,
-                        "opt": opt.state_dict(), "rng": rngs}
-                if disc is not None:
-                    ckpt.update(disc=disc.state_dict(), disc_opt=d_opt.state_dict())
-                save_checkpoint(cfg["ckpt"], ckpt)
-            last_ckpt = cfg["ckpt"]
-    if rank == 0:
-        print(f"done: {cfg['ckpt']} at step {steps}", flush=True)
-    cleanup_distributed()
+        return done % self.config[every] == 0 or done == self.config["steps"]
 
+    def end_step(self, step, terms, stateful, **scalars):
+        """Record the step's loss terms (device tensors: no host sync); when due, log their means over the interval
+        and the ranks, and write the checkpoint. Both first check that no loss so far was non-finite."""
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(terms["loss"]), step, self.first_bad)
+        self.history.append({k: v.detach() for k, v in terms.items()})
+        if self.due(step, "log_every"):
+            self.check_finite()
+            names = list(self.history[0])
+            means = torch.stack([torch.stack([h[k].float() for k in names]) for h in self.history]).mean(0)
+            if self.world > 1:
+                dist.all_reduce(means)
+                means /= self.world
+            elapsed, self.t0 = time.time() - self.t0, time.time()
+            metrics = {**dict(zip(names, means.tolist())), **scalars,
+                       "img_per_s": len(self.history) * self.config["global_batch_size"] / elapsed}
+            if self.device.type == "cuda":
+                metrics["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            self.history = []
+            if self.rank == 0:
+                print(f"step {step + 1:>8d} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+                with open(os.path.join(self.config["out_dir"], "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+        if self.due(step, "ckpt_every"):
+            self.check_finite()  # never write a poisoned checkpoint
+            self.save(step + 1, stateful)
 
-def check_finite(first_bad, world, last_ckpt):
-    """Stop on a non-finite loss (one host sync, at log and checkpoint intervals only)."""
-    if world > 1:
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-    bad = int(first_bad.item())
-    if bad >= 0:
-        raise FloatingPointError(
-            f"non-finite loss at step {bad}; no checkpoint written after it. Last finite checkpoint: "
-            f"{last_ckpt or 'none'}. Lower --lr or check the data, then rerun with the same --ckpt to resume.")
+    def check_finite(self):
+        if self.world > 1:
+            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MAX)
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at step {bad}; no checkpoint written after it. Last finite checkpoint: "
+                f"{self.last_ckpt or 'none'}. Lower --lr or check the data, then rerun with the same --ckpt to resume.")
+
+    def save(self, done, stateful):
+        """Rank 0 writes the state dicts, step, configuration and every rank's RNG to a temporary file, then renames
+        it over --ckpt: a crash mid-write leaves the previous checkpoint intact."""
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if self.device.type == "cuda"
+                                                  else {})}
+        rngs = [rng] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, rng)
+        if self.rank == 0:
+            state = {k: v.state_dict() for k, v in stateful.items()}
+            state.update(step=done, config=self.config, rng=rngs)
+            torch.save(state, self.config["ckpt"] + ".tmp")
+            os.replace(self.config["ckpt"] + ".tmp", self.config["ckpt"])
+        self.last_ckpt = self.config["ckpt"]
+
+    def finish(self):
+        self.say(f"done: {self.config['ckpt']} at step {self.config['steps']}")
+        data.cleanup_distributed()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a small named run; explicit flags still win")
-    p.add_argument("--stage", type=int, choices=[1, 2], help="1: MSE+KL+LPIPS; 2: + GAN, decoder only (default 1)")
-    p.add_argument("--model", help="tokenizer name, e.g. S-B/16, S-L/16, S-B/4x8, tiny (default S-B/16)")
-    p.add_argument("--channels", type=int, help="latent channels c (default 16)")
-    p.add_argument("--data", help="dataset folder, or 'synthetic'")
-    p.add_argument("--image-size", type=int, help="training resolution (default 256)")
-    p.add_argument("--num-frames", type=int, help="frames per clip; 1 = images (default 1)")
-    p.add_argument("--global-batch-size", type=int, help="over all ranks (default 1024/256 stage 1, 256/128 stage 2)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (default 100k)")
-    p.add_argument("--ckpt", help="checkpoint written at intervals and resumed from when it exists "
-                                  "(default ae.pt for stage 1, ae_stage2.pt for stage 2)")
-    p.add_argument("--init", help="stage 2: the stage-1 checkpoint to start from")
-    p.add_argument("--out-dir", help="metrics.jsonl and reconstruction grids (default <ckpt>-logs)")
-    p.add_argument("--lr", type=float, help="peak lr for a global batch of 256 (default 1e-4)")
-    p.add_argument("--beta", type=float, help="KL weight (default 1e-3)")
-    p.add_argument("--lpips-weight", type=float, help="eta; 0 turns LPIPS off (default 1.0)")
-    p.add_argument("--gan-weight", type=float, help="lambda, stage 2 (default 0.05, the paper's ablation)")
-    p.add_argument("--gan-ramp", type=int, help="steps over which lambda ramps up from 0 (default 25k)")
-    p.add_argument("--disc-lr", type=float, help="discriminator lr for a batch of 256 (default 2e-5)")
-    p.add_argument("--disc-channels", type=int, help="discriminator width at full resolution (default 64)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--ema", type=float, help="EMA decay (default 0.9999)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast on GPU (default); CPU is fp32")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--grad-ckpt", action="store_true", default=None, help="activation checkpointing")
-    p.add_argument("--workers", type=int, help="data loader workers per rank")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--sample-every", type=int, help="steps between reconstruction grids")
-    return p.parse_args(argv)
+    return parse_flags(__doc__, DEFAULTS, PRESETS, HELP, argv)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,63 @@
-"""Train a class-conditional DiT on the latent tokens of a frozen ViTok (§3.3, §4.3; SPEC §4).
+"""Train a class-conditional DiT on the latent tokens of a frozen ViTok (§3.3, §4.3).
 
     python train_dit.py --preset tiny                        # CPU demo on the tiny tokenizer's ae.pt, writes dit.pt
     torchrun --nproc_per_node=8 train_dit.py --model DiT-L --ae-ckpt ae.pt --data /datasets/imagenet/train
 
-The tokenizer's EMA weights encode each batch on the fly (a posterior sample, as the paper), or a latent cache
-(--latent-cache DIR) holds the posterior moments of every sample, written once by the same script.
+DiT's recipe (Peebles & Xie 2023): centre crops with random horizontal flips, AdamW at a constant 1e-4 with no weight
+decay, class dropout 0.1, EMA 0.9999. The tokenizer's EMA weights encode each batch on the fly and the DiT trains on a
+posterior sample, as the paper; or a latent cache (--latent-cache DIR), written once by this script, holds the
+posterior moments of every image and of its mirror, so that both paths see the same distribution.
 """
-import argparse
+import copy
 import json
 import os
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from data import autocast, cleanup_distributed, save_grid, setup_distributed, step_generator
-from train_ae import (Logger, check_finite, interval_means, load_checkpoint, rng_state, save_checkpoint,
-                      set_rng_state, update_ema)
+import data
+import dit
+import vitok
+from data import autocast, save_grid, step_generator
+from train_ae import Run, ema_decay, load_checkpoint, merge, parse_flags, update_ema
 
 DEFAULTS = dict(
-    model="DiT-L", ae_ckpt=None, data=None, global_batch_size=256, steps=500_000, ckpt="dit.pt", out_dir=None,
-    lr=1e-4, weight_decay=0.0, grad_clip=1.0, ema=0.9999, class_dropout=0.1, latent_scale=1.0, latent_cache=None,
-    precision="bf16", compile=False, grad_ckpt=False, workers=8, seed=0, log_every=100, ckpt_every=5_000,
-    sample_every=10_000, cfg_scale=4.0, sample_steps=50,
+    model="DiT-L", ae_ckpt=None, data=None, frame_stride=3, split_file=None, global_batch_size=256, steps=500_000,
+    ckpt="dit.pt", out_dir=None,
+    lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,  # DiT: AdamW's defaults, constant lr, no decay
+    grad_clip=0.0,  # 0: off, as DiT (the gradient norm is still logged)
+    ema=0.9999, ema_warmup=10, class_dropout=0.1, latent_scale=1.0, latent_cache=None,
+    precision="bf16", compile=False, grad_ckpt=False, workers=8, seed=0,
+    log_every=100, ckpt_every=5_000, sample_every=10_000, cfg_scale=4.0, sample_steps=50,
 )
+HELP = {
+    "model": "DiT-B, DiT-L, DiT-XL or DiT-tiny",
+    "ae_ckpt": "the tokenizer checkpoint written by train_ae.py (its EMA weights are used, frozen)",
+    "data": "dataset folder, 'synthetic' or 'deadleaves'",
+    "frame_stride": "video: keep every n-th frame",
+    "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",
+    "global_batch_size": "latents per step over all ranks",
+    "steps": "optimizer steps",
+    "ckpt": "checkpoint written at intervals, resumed from when it exists",
+    "out_dir": "metrics.jsonl and sample grids (None: <ckpt>-logs)",
+    "lr": "constant AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient-norm clipping; 0 is off",
+    "ema": "EMA decay",
+    "class_dropout": "probability that a label becomes the null class (for classifier-free guidance)",
+    "latent_scale": "the DiT trains on z * scale (1: unscaled, as the paper)",
+    "latent_cache": "folder of cached posterior moments, written on first use",
+    "precision": "bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
+    "compile": "torch.compile the DiT",
+    "grad_ckpt": "activation checkpointing in the DiT blocks",
+    "workers": "data-loader workers per rank",
+    "seed": "seed of weights, data order and noise",
+    "log_every": "steps per log line", "ckpt_every": "steps per checkpoint", "sample_every": "steps per grid",
+    "cfg_scale": "classifier-free guidance of the sample grids",
+    "sample_steps": "DDIM steps of the sample grids",
+}
 PRESETS = {
     # CPU demo: chains with `python train_ae.py --preset tiny` (its ae.pt); a few minutes on 2 cores.
     "tiny": dict(model="DiT-tiny", ae_ckpt="ae.pt", data="synthetic", global_batch_size=32, steps=1500, lr=1e-3,
@@ -32,15 +65,112 @@ PRESETS = {
 }
 
 
+def resolve(args):
+    """The run's configuration (defaults < preset < flags) completed from the tokenizer's checkpoint, which is read
+    here once: the latent grid, channels, resolution and clip length are the tokenizer's. Returns (config, tokenizer);
+    the number of classes comes from the data, in main()."""
+    config = merge(args, DEFAULTS, PRESETS, kind="dit")
+    if config["ae_ckpt"] is None or config["data"] is None:
+        raise SystemExit("train_dit.py: --ae-ckpt (a train_ae.py checkpoint) and --data (a folder or 'synthetic') "
+                         "are required")
+    if not os.path.exists(config["ae_ckpt"]):
+        raise SystemExit(f"train_dit.py: tokenizer checkpoint {config['ae_ckpt']} not found; train one first "
+                         f"(python train_ae.py --preset tiny writes ae.pt)")
+    ae_state = load_checkpoint(config["ae_ckpt"])
+    ae = vitok.from_checkpoint(config["ae_ckpt"], state=ae_state).requires_grad_(False)
+    ae_config = ae_state["config"]
+    config.update(ae_model=ae_config["model"], channels=ae.channels, image_size=ae_config["image_size"],
+                  num_frames=ae_config["num_frames"])
+    config["grid"] = list(ae.grid((config["num_frames"], config["image_size"], config["image_size"])))
+    if config["out_dir"] is None:
+        config["out_dir"] = os.path.splitext(config["ckpt"])[0] + "-logs"
+    return config, ae
+
+
+def main(args):
+    config, ae = resolve(args)
+    run = Run(config)
+    device, gb, seed = run.device, config["global_batch_size"], config["seed"]
+
+    # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache (written on first use).
+    ae = ae.to(device)
+    images = data.build_dataset(config["data"], config["image_size"], config["num_frames"], train=False,
+                                frame_stride=config["frame_stride"], split_file=config["split_file"])
+    if config["latent_cache"]:
+        if not os.path.exists(os.path.join(config["latent_cache"], "meta.json")):
+            write_latent_cache(config["latent_cache"], ae, images, config, run)
+        dataset = LatentCache(config["latent_cache"])
+    else:
+        dataset = images
+    config["num_classes"] = dataset.num_classes  # label num_classes is the null class
+    if dataset.num_classes == 0:
+        run.say("unlabelled data: training with the null class only (unconditional; sampling ignores CFG)")
+
+    # Build, resume, compile, wrap; the raw modules stay for EMA, samples and checkpoints.
+    model = dit.DiT_models[config["model"]](channels=config["channels"], grid=config["grid"],
+                                            num_classes=config["num_classes"], grad_ckpt=config["grad_ckpt"]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=config["betas"],
+                            weight_decay=config["weight_decay"], fused=device.type == "cuda")
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    stateful = dict(model=model, ema=ema, opt=opt)
+    run.resume(stateful, same=("kind", "model", "channels", "grid", "num_classes"))
+    model_ddp = run.ddp(run.compile(model))
+
+    loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed, start_step=run.start,
+                                  num_workers=config["workers"])
+    L, c, mine = int(np.prod(config["grid"])), config["channels"], slice(run.rank, None, run.world)
+    run.say(f"{config['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {L} tokens of "
+            f"{c} channels from {config['ae_model']}; {len(dataset)} samples, {run.world} rank(s), batch "
+            f"{run.batch}/rank, steps {run.start}->{config['steps']}")
+
+    for step in range(run.start, config["steps"]):
+        x, y = next(loader)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # Every random number of the step is drawn for the global batch from one (seed, step) generator; this rank
+        # takes the rows of its samples (data.infinite_loader interleaves them the same way).
+        gen = step_generator(seed, step, device)
+        flip = torch.rand(gb, generator=gen, device=device)[mine] < 0.5  # DiT's random horizontal flip
+        posterior_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
+        t = torch.randint(0, dit.NUM_TIMESTEPS, (gb,), generator=gen, device=device)[mine]
+        diffusion_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
+        y = dit.drop_labels(y, config["num_classes"], torch.rand(gb, generator=gen, device=device)[mine],
+                            config["class_dropout"])
+
+        with torch.no_grad():
+            if config["latent_cache"]:  # x holds the moments of the image and its mirror [B,2,L,2c]
+                posterior = vitok.DiagonalGaussian(x[torch.arange(len(x), device=device), flip.long()])
+            else:
+                x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+                with autocast(device, config["precision"]):
+                    posterior = ae.encode(x)
+            z = posterior.sample(posterior_noise) * config["latent_scale"]  # [B,L,c]
+        with autocast(device, config["precision"]):
+            terms = dit.training_losses(model_ddp, z, y, t, diffusion_noise)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] or float("inf"))
+        opt.step()
+        update_ema(ema, model, ema_decay(step, config))
+
+        terms.update(z_mean=z.mean(), z_std=z.std())  # the paper trains on unscaled latents: report their scale
+        run.end_step(step, terms, stateful)
+        if run.due(step, "sample_every") and run.rank == 0:
+            save_samples(os.path.join(config["out_dir"], f"samples_{step + 1:07d}.png"), ema, ae, config, device)
+    run.finish()
+
+
 class LatentCache(torch.utils.data.Dataset):
-    """Posterior moments [L,2c] (mean, logvar; fp16) and labels of every sample, in a .npy memmap under DIR."""
+    """The posterior moments (mean, logvar) of every image and of its mirror image, [N,2,L,2c] in fp16, and the
+    labels, as .npy files under DIR (memory-mapped). A sample is its two moment tensors [2,L,2c]: the training step
+    picks one with the same per-step flip that the on-the-fly path applies to the pixels."""
 
     def __init__(self, root):
         meta = json.load(open(os.path.join(root, "meta.json")))
-        if not meta.get("complete"):
-            raise SystemExit(f"train_dit.py: latent cache {root} is incomplete; delete it and rerun to rewrite it")
+        if not meta.get("complete") or meta.get("mirrored") is not True:
+            raise SystemExit(f"train_dit.py: latent cache {root} is incomplete or from an older version; delete it "
+                             f"and rerun to rewrite it")
         self.meta, self.num_classes = meta, meta["num_classes"]
-        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")  # [N,L,2c] fp16
+        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")  # [N,2,L,2c] fp16
         self.labels = np.load(os.path.join(root, "labels.npy"))
 
     def __len__(self):
@@ -52,235 +182,61 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def write_latent_cache(root, ae, dataset, cfg, rank, world, device):
-    """Encode every sample once (eval transform: centre crops, no augmentation, as DiT's feature extraction; for
-    "synthetic" that is its 1,000-image eval stream); ranks fill disjoint rows of one memmap."""
-    from tqdm import tqdm
-    n, grid = len(dataset), ae.grid((cfg["num_frames"], cfg["image_size"], cfg["image_size"]))
-    shape = (n, grid[0] * grid[1] * grid[2], 2 * ae.channels)
-    if rank == 0:
+def write_latent_cache(root, ae, dataset, config, run):
+    """Encode every centre crop and its mirror once; ranks fill disjoint rows of one memmap."""
+    n, L, c = len(dataset), int(np.prod(config["grid"])), ae.channels
+    if run.rank == 0:
         os.makedirs(root, exist_ok=True)
-        np.lib.format.open_memmap(os.path.join(root, "moments.npy"), mode="w+", dtype=np.float16, shape=shape)
-    if world > 1:
+        np.lib.format.open_memmap(os.path.join(root, "moments.npy"), mode="w+", dtype=np.float16,
+                                  shape=(n, 2, L, 2 * c))
+    if run.world > 1:
         dist.barrier()
     moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r+")
     labels = np.zeros(n, dtype=np.int64)
-    mine = list(range(rank, n, world))
+    mine = list(range(run.rank, n, run.world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=64,
-                                         num_workers=cfg["workers"])
+                                         num_workers=config["workers"])
     done = 0
-    for x, y in tqdm(loader, desc="latent cache", disable=rank != 0):
-        with autocast(device, cfg["precision"]):
-            posterior = ae.encode(x.to(device))
+    for x, y in tqdm(loader, desc="latent cache", disable=run.rank != 0):
+        x = x.to(run.device)
+        with autocast(run.device, config["precision"]):
+            posterior = ae.encode(torch.cat([x, x.flip(-1)]))  # the images, then their mirrors
+        both = torch.cat([posterior.mean, posterior.logvar], -1).float().view(2, len(y), L, 2 * c).transpose(0, 1)
         rows = mine[done:done + len(y)]
-        moments[rows] = torch.cat([posterior.mean, posterior.logvar], -1).cpu().numpy().astype(np.float16)
+        moments[rows] = both.cpu().numpy().astype(np.float16)  # [B,2,L,2c]
         labels[rows] = y.numpy()
         done += len(y)
     moments.flush()
-    if world > 1:  # labels are tiny: sum the disjoint per-rank arrays
-        t = torch.from_numpy(labels).to(device)
+    if run.world > 1:  # labels are tiny: sum the disjoint per-rank arrays
+        t = torch.from_numpy(labels).to(run.device)
         dist.all_reduce(t)
         labels = t.cpu().numpy()
         dist.barrier()
-    if rank == 0:
+    if run.rank == 0:
         np.save(os.path.join(root, "labels.npy"), labels)
-        meta = dict(ae_ckpt=cfg["ae_ckpt"], data=cfg["data"], image_size=cfg["image_size"],
-                    num_frames=cfg["num_frames"], num_classes=dataset.num_classes, complete=True)
+        meta = dict(ae_ckpt=config["ae_ckpt"], data=config["data"], image_size=config["image_size"],
+                    num_frames=config["num_frames"], num_classes=dataset.num_classes, mirrored=True, complete=True)
         json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
 
 
-def resolve_config(args):
-    cfg = {**DEFAULTS, **PRESETS.get(args.preset, {})}
-    cfg.update({k: v for k, v in vars(args).items() if v is not None})
-    if cfg["ae_ckpt"] is None or cfg["data"] is None:
-        raise SystemExit("train_dit.py: --ae-ckpt (a train_ae.py checkpoint) and --data (a folder or 'synthetic') "
-                         "are required")
-    if not os.path.exists(cfg["ae_ckpt"]):
-        raise SystemExit(f"train_dit.py: tokenizer checkpoint {cfg['ae_ckpt']} not found; train one first "
-                         f"(python train_ae.py --preset tiny writes ae.pt)")
-    if cfg["out_dir"] is None:
-        cfg["out_dir"] = os.path.splitext(cfg["ckpt"])[0] + "-logs"
-    return {**cfg, "kind": "dit"}
-
-
-def main(args):
-    import data
-    import dit
-    import vitok
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    cfg = resolve_config(args)
-    rank, world, device = setup_distributed()
-    gb, steps, seed = cfg["global_batch_size"], cfg["steps"], cfg["seed"]
-    if gb % world:
-        raise SystemExit(f"train_dit.py: --global-batch-size {gb} does not split over {world} ranks")
-    batch = gb // world
-    log = Logger(os.path.join(cfg["out_dir"], "metrics.jsonl"), rank)
-
-    # The frozen tokenizer (EMA weights) fixes the latent grid, resolution and clip length.
-    ae = vitok.from_checkpoint(cfg["ae_ckpt"]).to(device).requires_grad_(False)
-    ae_cfg = load_checkpoint(cfg["ae_ckpt"])["config"]
-    cfg.update(ae_model=ae_cfg["model"], channels=ae.channels, image_size=ae_cfg["image_size"],
-               num_frames=ae_cfg["num_frames"])
-    grid = ae.grid((cfg["num_frames"], cfg["image_size"], cfg["image_size"]))
-    cfg["grid"] = list(grid)
-    if cfg["latent_cache"]:
-        if not os.path.exists(os.path.join(cfg["latent_cache"], "meta.json")):
-            full = data.build_dataset(cfg["data"], cfg["image_size"], cfg["num_frames"], train=False)
-            write_latent_cache(cfg["latent_cache"], ae, full, cfg, rank, world, device)
-        dataset = LatentCache(cfg["latent_cache"])
-    else:
-        dataset = data.build_dataset(cfg["data"], cfg["image_size"], cfg["num_frames"], train=True)
-    cfg["num_classes"] = dataset.num_classes
-    if rank == 0:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        if dataset.num_classes == 0:
-            print("unlabelled data: training with the null class only (unconditional; sampling ignores CFG)")
-        print("config:", json.dumps(cfg, sort_keys=True), flush=True)
-
-    torch.manual_seed(seed)
-    model = dit.DiT_models[cfg["model"]](channels=cfg["channels"], grid=grid, num_classes=cfg["num_classes"])
-    model.grad_ckpt = cfg["grad_ckpt"]
-    model.to(device)
-    state, start = None, 0
-    if os.path.exists(cfg["ckpt"]):
-        state = load_checkpoint(cfg["ckpt"])
-        for key in ("kind", "model", "channels", "grid", "num_classes"):
-            if state["config"].get(key) != cfg[key]:
-                raise SystemExit(f"train_dit.py: cannot resume {cfg['ckpt']}: its {key} is {state['config'].get(key)!r},"
-                                 f" this run's is {cfg[key]!r}; pass another --ckpt")
-        model.load_state_dict(state["model"])
-        start = state["step"]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],  # constant, as DiT
-                            fused=device.type == "cuda")
-    ema = dit.DiT_models[cfg["model"]](channels=cfg["channels"], grid=grid, num_classes=cfg["num_classes"])
-    ema.to(device).eval().requires_grad_(False)
-    ema.load_state_dict(state["ema"] if state else model.state_dict())
-    torch.manual_seed(seed * world + rank)
-    if state:
-        opt.load_state_dict(state["opt"])
-        if len(state["rng"]) == world:
-            set_rng_state(state["rng"][rank])
-    model_fwd = torch.compile(model) if cfg["compile"] else model
-    if world > 1:
-        model_fwd = DDP(model_fwd, device_ids=[device.index] if device.type == "cuda" else None)
-
-    loader = data.infinite_loader(dataset, batch, rank, world, seed, start_step=start, num_workers=cfg["workers"])
-    L, c = grid[0] * grid[1] * grid[2], cfg["channels"]
-    null = torch.full((), cfg["num_classes"], device=device)
-    if rank == 0:
-        print(f"{cfg['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {L} tokens of "
-              f"{c} channels from {cfg['ae_model']}; {len(dataset)} samples, {world} rank(s), batch {batch}/rank, "
-              f"steps {start}->{steps}", flush=True)
-
-    last_ckpt = cfg["ckpt"] if state else None
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    history, t0 = [], time.time()
-    for step in range(start, steps):
-        x, y = next(loader)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # Every random number of the step is drawn for the global batch from one (seed, step) generator.
-        gen = step_generator(seed, step, device)
-        mine = slice(rank, None, world)  # the rows of this rank's samples (data.infinite_loader interleaves)
-        posterior_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
-        t = torch.randint(0, dit.NUM_TIMESTEPS, (gb,), generator=gen, device=device)[mine]
-        diffusion_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
-        drop = torch.rand(gb, generator=gen, device=device)[mine] < cfg["class_dropout"]
-        y = torch.where(drop | (y < 0), null, y)  # class dropout 0.1 for CFG; unlabelled data is always null
-
-        with torch.no_grad():
-            if cfg["latent_cache"]:  # x holds the cached moments [B,L,2c]
-                posterior = vitok.DiagonalGaussian(x)
-            else:
-                with autocast(device, cfg["precision"]):
-                    posterior = ae.encode(x)
-            z = posterior.sample(posterior_noise) * cfg["latent_scale"]  # [B,L,c]
-        with autocast(device, cfg["precision"]):
-            terms = dit.training_losses(model_fwd, z, y, t, diffusion_noise)
-        loss = terms["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        update_ema(ema, model, min(cfg["ema"], (1 + step) / (10 + step)))
-
-        terms = {k: v.detach() for k, v in terms.items()}
-        terms.update(z_mean=z.mean(), z_std=z.std())  # the paper trains on unscaled latents: report them
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        history.append(terms)
-        done = step + 1
-        if done % cfg["log_every"] == 0 or done == steps:
-            check_finite(first_bad, world, last_ckpt)
-            metrics = interval_means(history, world)
-            elapsed, t0 = time.time() - t0, time.time()
-            metrics.update(img_per_s=len(history) * gb / elapsed)
-            if device.type == "cuda":
-                metrics["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            log(done, metrics)
-            history = []
-        if (done % cfg["sample_every"] == 0 or done == steps) and rank == 0:
-            save_samples(os.path.join(cfg["out_dir"], f"samples_{done:07d}.png"), ema, ae, cfg, device)
-        if done % cfg["ckpt_every"] == 0 or done == steps:
-            check_finite(first_bad, world, last_ckpt)
-            rngs = [rng_state()] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-            if rank == 0:
-                save_checkpoint(cfg["ckpt"], {"model": model.state_dict(), "ema": ema.state_dict(), "step": done,
-                                              "config": cfg, "opt": opt.state_dict(), "rng": rngs})
-            last_ckpt = cfg["ckpt"]
-    if rank == 0:
-        print(f"done: {cfg['ckpt']} at step {steps}", flush=True)
-    cleanup_distributed()
-
-
 @torch.no_grad()
-def save_samples(path, model, ae, cfg, device, n=16):
+def save_samples(path, model, ae, config, device, n=16):
     """A grid of class-conditional samples (classes 0, 1, ... in order) decoded by the tokenizer."""
-    import dit
-    gen = torch.Generator(device).manual_seed(0)
-    grid = tuple(cfg["grid"])
-    z = torch.randn(n, grid[0] * grid[1] * grid[2], cfg["channels"], generator=gen, device=device)
-    k = cfg["num_classes"]
+    z = torch.randn(n, int(np.prod(config["grid"])), config["channels"],
+                    generator=torch.Generator(device).manual_seed(0), device=device)
+    k = config["num_classes"]
     y = torch.arange(n, device=device) % k if k else torch.zeros(n, dtype=torch.long, device=device)
-    with autocast(device, cfg["precision"]):
-        latents = dit.sample(model, z, y, steps=cfg["sample_steps"], cfg_scale=cfg["cfg_scale"] if k else 1.0)
-        size = (cfg["image_size"],) * 2 if cfg["num_frames"] == 1 else (cfg["num_frames"],) + (cfg["image_size"],) * 2
-        x = ae.decode(latents / cfg["latent_scale"], size)
-    half = n // 2
-    save_grid(path, x[:half], x[half:])
+    with autocast(device, config["precision"]):
+        latents = dit.sample(model, z, y, steps=config["sample_steps"], cfg_scale=config["cfg_scale"] if k else 1.0)
+        size = (config["num_frames"], config["image_size"], config["image_size"])
+        x = ae.decode(latents / config["latent_scale"], size if config["num_frames"] > 1 else size[1:])
+    save_grid(path, x[:n // 2], x[n // 2:])
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a small named run; explicit flags still win")
-    p.add_argument("--model", help="DiT-B, DiT-L (default), DiT-XL or DiT-tiny")
-    p.add_argument("--ae-ckpt", help="the tokenizer checkpoint written by train_ae.py")
-    p.add_argument("--data", help="dataset folder, or 'synthetic'")
-    p.add_argument("--global-batch-size", type=int, help="over all ranks (default 256)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (default 500k)")
-    p.add_argument("--ckpt", help="checkpoint written at intervals and resumed from when it exists (default dit.pt)")
-    p.add_argument("--out-dir", help="metrics.jsonl and sample grids (default <ckpt>-logs)")
-    p.add_argument("--lr", type=float, help="constant AdamW lr (default 1e-4)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--ema", type=float, help="EMA decay (default 0.9999)")
-    p.add_argument("--class-dropout", type=float, help="label -> null class probability (default 0.1)")
-    p.add_argument("--latent-scale", type=float, help="DiT trains on z * scale (default 1: unscaled, as the paper)")
-    p.add_argument("--latent-cache", help="folder of cached posterior moments; written on first use")
-    p.add_argument("--precision", choices=["bf16", "fp32"])
-    p.add_argument("--compile", action="store_true", default=None)
-    p.add_argument("--grad-ckpt", action="store_true", default=None)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--cfg-scale", type=float, help="guidance of the sample grids (default 4.0)")
-    p.add_argument("--sample-steps", type=int, help="DDIM steps of the sample grids (default 50)")
-    return p.parse_args(argv)
+    return parse_flags(__doc__, DEFAULTS, PRESETS, HELP, argv)
 
 
 if __name__ == "__main__":

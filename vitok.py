@@ -20,7 +20,7 @@ VIT_SIZES = {
     "B": dict(width=768, depth=12, heads=12),
     "L": dict(width=1152, depth=24, heads=16),
 }
-ALIASES = {"tiny": "T-T/8"}
+ALIASES = {"tiny": "T-T/16"}  # the model of train_ae.py --preset tiny
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self):
-        """KL(q || N(0,I)) averaged over tokens and channels -> [B]. A mean, not LDM's sum (SPEC §1): with
+        """KL(q || N(0,I)) averaged over tokens and channels -> [B]. A mean, not LDM's sum (README, Differences): with
         beta = 1e-3 the paper's regularisation strength only makes sense per element."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).mean(dim=(1, 2))
 
@@ -193,7 +193,7 @@ class ViTok(nn.Module):
         self.from_latent = nn.Linear(channels, dec["width"])
         self.decoder = Transformer(dec["width"], dec["depth"], dec["heads"], grad_ckpt)
         self.head = nn.Linear(dec["width"], tubelet_dim)  # no output activation
-        for m in self.modules():  # SPEC §1 init: xavier-uniform, zero bias; LayerNorm (1, 0) is torch's default
+        for m in self.modules():  # xavier-uniform, zero bias (as the official code); LayerNorm (1, 0) is torch's default
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:

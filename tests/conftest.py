@@ -11,11 +11,15 @@ sys.path.insert(0, ROOT)
 
 @pytest.fixture(scope="module")
 def ae_ckpt(tmp_path_factory):
-    """A randomly initialised tiny tokenizer checkpoint (c=4, 32x32 images) in train_ae.py's format."""
+    """A randomly initialised T-T/8 tokenizer checkpoint (c=4, 32x32 images: 16 tokens) in train_ae.py's format."""
     import vitok
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ae") / "ae.pt"
-    model = vitok.from_name("tiny", channels=4)
-    config = {"kind": "ae", "model": "tiny", "channels": 4, "image_size": 32, "num_frames": 1}
+    model = vitok.from_name("T-T/8", channels=4)
+    config = {"kind": "ae", "model": "T-T/8", "channels": 4, "image_size": 32, "num_frames": 1}
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "config": config}, path)
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~30 s on 2 CPU cores (deselect with -m 'not slow')")

@@ -219,9 +219,10 @@ def test_null_class_and_class_dropout():
     with pytest.raises(IndexError):
         model(x, t, torch.tensor([4, 4]))
     y = torch.randint(0, 3, (100_000,))
-    dropped = dit.drop_labels(y, 3, generator=torch.Generator().manual_seed(0))
+    y[:10] = -1  # unlabelled samples always take the null class
+    dropped = dit.drop_labels(y, 3, torch.rand(len(y), generator=torch.Generator().manual_seed(0)), 0.1)
     changed = dropped != y
-    assert changed.float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert (dropped[:10] == 3).all() and changed[10:].float().mean().item() == pytest.approx(0.1, abs=0.005)
     assert (dropped[changed] == 3).all() and torch.equal(dropped[~changed], y[~changed])
 
 
@@ -248,7 +249,7 @@ def test_labels_are_respected_after_a_little_training():
     for _ in range(100):
         y = torch.randint(0, 2, (32,))
         x0 = torch.where(y[:, None, None] == 0, 1.0, -1.0) + 0.1 * torch.randn(32, 4, 2)
-        loss = dit.training_losses(model, x0, dit.drop_labels(y, 2))["loss"]
+        loss = dit.training_losses(model, x0, dit.drop_labels(y, 2, torch.rand(32)))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -46,7 +46,7 @@ def test_lpips_without_vgg_weights_names_file_folder_and_url(tmp_path, monkeypat
 def test_discriminator_shapes_and_channels(size, blocks):
     disc = losses.Discriminator(size)
     assert len(disc.blocks) == blocks
-    assert [b.conv1.out_channels for b in disc.blocks] == [min(64 * 2 ** (i + 1), 512) for i in range(blocks)]
+    assert [b.conv1.out_channels for b in disc.blocks] == [min(16384 // size * 2 ** (i + 1), 512) for i in range(blocks)]
     x = torch.randn(2, 3, size, size, requires_grad=True)
     feats = disc.blocks(disc.from_rgb(x))
     assert feats.shape[-2:] == (4, 4)
@@ -65,16 +65,45 @@ def test_discriminator_folds_video_frames_and_refuses_other_sizes():
         losses.Discriminator(48)
 
 
-def test_blur_is_normalised_binomial_and_block_scales_residual():
+def test_blur_is_normalised_binomial_and_both_block_paths_stay_aligned():
     blur = losses.Blur(1, pad=1)
     expected = torch.tensor([1.0, 3, 3, 1])
     torch.testing.assert_close(blur.kernel[0, 0], torch.outer(expected, expected) / 64)
-    block = losses.ResBlock(4, 8)
-    x = torch.randn(1, 4, 16, 16)
-    main = torch.nn.functional.leaky_relu(block.conv1(block.blur(torch.nn.functional.leaky_relu(block.conv0(x), 0.2))), 0.2)
-    skip = block.skip(block.skip_blur(x))
-    assert main.shape == skip.shape == (1, 8, 8, 8)
-    torch.testing.assert_close(block(x), (main + skip) / math.sqrt(2))
+    # An impulse seen through the main path alone and through the skip path alone lands on the same output pixel:
+    # the blur paddings keep the two stride-2 paths on one grid.
+    torch.manual_seed(0)
+    block = losses.ResBlock(1, 1).double()
+    for conv in (block.conv0, block.conv1):
+        torch.nn.init.zeros_(conv.bias)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[..., conv.weight.shape[-1] // 2, conv.weight.shape[-1] // 2] = 1.0  # identity taps
+    with torch.no_grad():
+        block.skip.weight.fill_(1.0)
+    x = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
+    x[..., 8, 8] = 1.0
+    both = block(x)
+    with torch.no_grad():
+        block.skip.weight.zero_()
+    main = block(x)
+    skip = both - main
+
+    def centroid(m):
+        m = m[0, 0].abs()
+        ii, jj = torch.meshgrid(torch.arange(8.0, dtype=m.dtype), torch.arange(8.0, dtype=m.dtype), indexing="ij")
+        return torch.stack([(m * ii).sum() / m.sum(), (m * jj).sum() / m.sum()])
+
+    assert main.shape == skip.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(centroid(main), centroid(skip), atol=1e-6, rtol=0)
+
+
+def test_discriminator_width_follows_the_resolution_and_init_is_xavier():
+    assert [losses.disc_channels(s) for s in (512, 256, 128, 64, 16)] == [32, 64, 128, 256, 512]
+    disc = losses.Discriminator(128)
+    assert disc.from_rgb.out_channels == 128 and disc.from_rgb.bias.abs().max() == 0
+    fan_in, fan_out = 3 * 9, 128 * 9
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert disc.from_rgb.weight.abs().max() <= bound and disc.from_rgb.weight.abs().max() > 0.9 * bound
 
 
 def test_hinge_generator_loss_and_ramp_on_known_values():

@@ -30,22 +30,26 @@ def metrics(path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_final():
-    total, peak = 1000, 1e-3
-    assert train_ae.lr_at(0, total, peak) == pytest.approx(peak / 30)  # 3% warmup = 30 steps
-    assert train_ae.lr_at(29, total, peak) == pytest.approx(peak)
-    assert train_ae.lr_at(30 + 485, total, peak) == pytest.approx((peak + 1e-5) / 2)  # half way through the cosine
-    assert train_ae.lr_at(total, total, peak) == pytest.approx(1e-5)
+    total, peak, d = 1000, 1e-3, train_ae.DEFAULTS
+    lr = lambda step: train_ae.lr_at(step, total, peak, d["warmup"], d["final_lr"])  # noqa: E731
+    assert lr(0) == pytest.approx(peak / 30)  # 3% warmup = 30 steps
+    assert lr(29) == pytest.approx(peak)
+    assert lr(30 + 485) == pytest.approx((peak + 1e-5) / 2)  # half way through the cosine
+    assert lr(total) == pytest.approx(1e-5)
 
 
 def test_presets_only_override_and_flags_win():
-    cfg = train_ae.resolve_config(train_ae.parse_args(["--preset", "tiny", "--steps", "7"]))
-    assert (cfg["model"], cfg["steps"], cfg["data"], cfg["lpips_weight"]) == ("T-T/16", 7, "synthetic", 0.0)
-    assert cfg["beta"] == 1e-3 and cfg["kind"] == "ae" and cfg["ckpt"] == "ae.pt"
-    paper = train_ae.resolve_config(train_ae.parse_args(["--data", "x", "--num-frames", "16", "--stage", "2"]))
+    config = train_ae.resolve(train_ae.parse_args(["--preset", "tiny", "--steps", "7"]))
+    assert (config["model"], config["steps"], config["data"], config["lpips_weight"]) == ("T-T/16", 7, "synthetic", 0.0)
+    assert config["beta"] == 1e-3 and config["kind"] == "ae" and config["ckpt"] == "ae.pt"
+    assert vitok.ALIASES["tiny"] == config["model"]  # one meaning of "tiny"
+    paper = train_ae.resolve(train_ae.parse_args(["--data", "x", "--num-frames", "16", "--stage", "2"]))
     assert (paper["model"], paper["global_batch_size"], paper["lr"], paper["gan_weight"]) == ("S-B/16", 128, 1e-4, 0.05)
-    assert paper["ckpt"] == "ae_stage2.pt"
+    assert paper["ckpt"] == "ae_stage2.pt" and paper["disc_channels"] == 64 and paper["frame_stride"] == 3
     with pytest.raises(SystemExit, match="--data is required"):
-        train_ae.resolve_config(train_ae.parse_args([]))
+        train_ae.resolve(train_ae.parse_args([]))
+    help_text = subprocess.run([sys.executable, "train_ae.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "--lr LR" in help_text and "(default: 0.0001)" in help_text.replace("\n", " ")
 
 
 def test_ema_update_is_an_exponential_average():
@@ -59,7 +63,6 @@ def test_checkpoint_is_plain_and_loads_as_a_tokenizer(tmp_path):
     state = run(tmp_path, "--steps", 2)
     assert {"model", "ema", "step", "config", "opt", "rng"} <= set(state) and state["step"] == 2
     assert {"model", "channels", "image_size", "num_frames"} <= set(state["config"])
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
     model = vitok.from_checkpoint(tmp_path / "ae.pt")
     assert model.weights == "ema"
     assert os.path.exists(tmp_path / "logs" / "recon_0000002.png") and len(metrics(tmp_path / "logs/metrics.jsonl")) == 2
@@ -125,8 +128,10 @@ def test_non_finite_loss_stops_without_writing_a_poisoned_checkpoint(tmp_path, m
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process(tmp_path):
-    common = FAST + ["--steps", "3", "--out-dir"]
+    """Compiled and wrapped for DDP, two ranks train as one: same losses, same weights, plain checkpoint keys."""
+    common = FAST + ["--steps", "3", "--compile", "--out-dir"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     subprocess.run([sys.executable, "train_ae.py", *common, str(tmp_path / "one"), "--ckpt", str(tmp_path / "one.pt")],
                    cwd=ROOT, env=env, check=True, capture_output=True)
@@ -139,6 +144,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     w1, w2 = (torch.load(tmp_path / f, weights_only=True)["model"] for f in ("one.pt", "two.pt"))
     torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-5)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in w2)  # compiled + DDP, saved from the raw module
 
 
 def test_tiny_run_learns(tmp_path):

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+import data
+import evaluate
 import train_dit
 import vitok
 
@@ -50,15 +52,29 @@ def test_killed_and_resumed_run_matches(tmp_path, ae_ckpt, monkeypatch):
 def test_latent_cache_holds_the_posterior_moments(tmp_path, ae_ckpt):
     cache = tmp_path / "cache"
     run(tmp_path, ae_ckpt, "--steps", 2, "--latent-cache", cache, "--data", "synthetic")
+    with pytest.raises(SystemExit, match="incomplete or from an older version"):  # a cache without mirrors is refused
+        meta = json.load(open(cache / "meta.json"))
+        json.dump({**meta, "mirrored": False}, open(cache / "meta.json", "w"))
+        train_dit.LatentCache(cache)
     moments = np.load(cache / "moments.npy")
     labels = np.load(cache / "labels.npy")
-    assert moments.shape == (1000, 16, 8) and labels[:12].tolist() == [i % 10 for i in range(12)]
-    import data
+    assert moments.shape == (1000, 2, 16, 8) and labels[:12].tolist() == [i % 10 for i in range(12)]
     ae = vitok.from_checkpoint(ae_ckpt)
     x = data.build_dataset("synthetic", 32)[5][0]
-    posterior = ae.encode(x[None])
-    expected = torch.cat([posterior.mean, posterior.logvar], -1)[0].detach().numpy()
-    np.testing.assert_allclose(moments[5], expected, rtol=1e-2, atol=1e-2)  # stored in fp16
+    for mirrored, image in enumerate([x, x.flip(-1)]):  # the centre crop and its mirror image
+        posterior = ae.encode(image[None])
+        expected = torch.cat([posterior.mean, posterior.logvar], -1)[0].detach().numpy()
+        np.testing.assert_allclose(moments[5, mirrored], expected, rtol=1e-2, atol=1e-2)  # stored in fp16
+
+
+def test_latent_cache_and_on_the_fly_encoding_train_on_the_same_latents(tmp_path, ae_ckpt):
+    """Same flips, same posterior noise, same data order: the two paths give the same losses (to fp16)."""
+    common = ("--steps", 3, "--data", "synthetic", "--global-batch-size", 16)
+    run(tmp_path, ae_ckpt, *common, "--latent-cache", tmp_path / "cache", "--out-dir", tmp_path / "a", name="a.pt")
+    run(tmp_path, ae_ckpt, *common, "--out-dir", tmp_path / "b", name="b.pt")
+    cached, live = ([json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("a", "b"))
+    for a, b in zip(cached, live):
+        assert a["z_mean"] == pytest.approx(b["z_mean"], abs=2e-3) and a["loss"] == pytest.approx(b["loss"], rel=2e-3)
 
 
 def test_unlabelled_folder_trains_with_the_null_class(tmp_path, ae_ckpt, capsys):
@@ -73,18 +89,17 @@ def test_unlabelled_folder_trains_with_the_null_class(tmp_path, ae_ckpt, capsys)
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="train_ae.py --preset tiny"):
-        train_dit.resolve_config(train_dit.parse_args(["--preset", "tiny", "--ae-ckpt", str(tmp_path / "none.pt")]))
+        train_dit.resolve(train_dit.parse_args(["--preset", "tiny", "--ae-ckpt", str(tmp_path / "none.pt")]))
 
 
 def test_video_latents_train_and_sample(tmp_path):
-    import evaluate
     torch.manual_seed(0)
     model = vitok.from_name("T-T/2x8", channels=4)
     config = {"kind": "ae", "model": "T-T/2x8", "channels": 4, "image_size": 32, "num_frames": 4}
     torch.save({"model": model.state_dict(), "step": 1, "config": config}, tmp_path / "v.pt")
     state = run(tmp_path, tmp_path / "v.pt", "--steps", 2, name="vdit.pt")
     assert state["config"]["grid"] == [2, 4, 4] and state["config"]["num_frames"] == 4
-    evaluate.main(evaluate.parse_args(["--ckpt", str(tmp_path / "vdit.pt"), "--num-samples", "3", "--steps", "2",
+    evaluate.main(evaluate.parse_args(["--ckpt", str(tmp_path / "vdit.pt"), "--num-samples", "3", "--sample-steps", "2",
                                        "--workers", "0", "--inception-weights", str(tmp_path / "none.pth")]))
     samples = np.load(tmp_path / "vdit_samples.npz")["arr_0"]
     assert samples.shape == (3, 4, 32, 32, 3) and samples.dtype == np.uint8  # NTHWC

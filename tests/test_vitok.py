@@ -37,7 +37,7 @@ def test_from_name_parses_every_size():
         assert model.encoder.blocks[0].norm1.normalized_shape[0] == vitok.VIT_SIZES[enc]["width"]
         assert len(model.decoder.blocks) == vitok.VIT_SIZES[dec]["depth"]
         assert (model.tubelet_size, model.patch_size, model.channels) == (2, 8, 8)
-    assert vitok.from_name("tiny").patch_size == 8
+    assert vitok.from_name("tiny").patch_size == 16  # the model of train_ae.py --preset tiny
     with pytest.raises(ValueError, match="unknown tokenizer name 'S-X/16'"):
         vitok.from_name("S-X/16")
 
@@ -76,20 +76,21 @@ def test_rope_scores_depend_only_on_relative_offsets():
     assert vitok.rope_split(64) == (8, 12, 12) and vitok.rope_split(72) == (12, 12, 12)
 
 
-def test_kl_is_zero_for_standard_normal_and_matches_float64():
+def test_kl_matches_torch_distributions_averaged_over_tokens_and_channels():
     zeros = torch.zeros(2, 5, 8)
     assert vitok.DiagonalGaussian(torch.cat([zeros, zeros], -1)).kl().abs().max() == 0
     mean, logvar = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     posterior = vitok.DiagonalGaussian(torch.cat([mean, logvar], -1))
-    m, lv = mean.double(), logvar.double()
-    expected = (0.5 * (m ** 2 + lv.exp() - 1 - lv)).mean(dim=(1, 2))  # KL(N(m, e^lv) || N(0,1)) per element
+    q = torch.distributions.Normal(mean.double(), (0.5 * logvar.double()).exp())
+    p = torch.distributions.Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))
+    expected = torch.distributions.kl_divergence(q, p).mean(dim=(1, 2))  # a mean, not a sum, per sample
     torch.testing.assert_close(posterior.kl().double(), expected, rtol=1e-5, atol=1e-6)
     clamped = vitok.DiagonalGaussian(torch.full((1, 1, 2), 100.0))
     assert clamped.logvar.max() == 20.0
 
 
 def test_mode_is_deterministic_and_sample_is_not():
-    model = vitok.from_name("tiny", channels=4).eval()
+    model = vitok.from_name("T-T/8", channels=4).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         a, b = model.encode(x), model.encode(x)
@@ -100,7 +101,7 @@ def test_mode_is_deterministic_and_sample_is_not():
 
 
 def test_images_are_one_frame_videos_and_any_divisible_size_works():
-    model = vitok.from_name("tiny", channels=4).eval()
+    model = vitok.from_name("T-T/8", channels=4).eval()
     x = torch.randn(1, 3, 16, 24)
     with torch.no_grad():
         image, _ = model(x)
@@ -117,7 +118,7 @@ def test_images_are_one_frame_videos_and_any_divisible_size_works():
 
 def test_grad_checkpointing_gives_equal_values_and_gradients():
     torch.manual_seed(0)
-    model = vitok.from_name("tiny", channels=4)
+    model = vitok.from_name("T-T/8", channels=4)
     x = torch.randn(2, 3, 2, 16, 16)
     results = []
     for on in (False, True):
@@ -131,18 +132,19 @@ def test_grad_checkpointing_gives_equal_values_and_gradients():
         torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
 
 
-def test_bf16_autocast_keeps_rope_in_fp32_and_stays_finite():
-    model = vitok.from_name("tiny", channels=4)
-    x = torch.randn(1, 3, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        x_hat, posterior = model(x)
-    assert torch.isfinite(x_hat.float()).all() and posterior.mean.dtype == torch.float32
-    cos, _ = vitok.rope_table((1, 2, 2), 64, "cpu")
-    assert cos.dtype == torch.float32
+def test_bf16_autocast_stays_close_to_fp32():
+    model = vitok.from_name("T-T/8", channels=4).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        reference = model(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x_hat = model(x)[0].float()
+    assert torch.isfinite(x_hat).all()
+    assert (x_hat - reference).abs().max() < 0.05 * reference.abs().max()  # bf16 keeps about 3 significant digits
 
 
 def test_block_loop_compiles_without_graph_breaks():
-    model = vitok.from_name("tiny", channels=4)
+    model = vitok.from_name("T-T/8", channels=4)
     explained = torch._dynamo.explain(model)(torch.randn(1, 3, 24, 16))
     assert explained.graph_break_count == 0, explained.break_reasons
 
@@ -158,7 +160,7 @@ def test_tiny_model_overfits_one_batch():
         colour = torch.rand(3, 1, 1) * 2 - 1
         images.append(torch.where(shape, colour, 0.5 * xx * torch.rand(3, 1, 1)))
     x = torch.stack(images)  # [8,3,32,32]
-    model = vitok.from_name("tiny", channels=16)
+    model = vitok.from_name("T-T/8", channels=16)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(150):
@@ -172,8 +174,8 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_from_checkpoint_prefers_ema(tmp_path):
-    model, ema = vitok.from_name("tiny", channels=4), vitok.from_name("tiny", channels=4)
-    config = {"kind": "ae", "model": "tiny", "channels": 4, "image_size": 16, "num_frames": 1}
+    model, ema = vitok.from_name("T-T/8", channels=4), vitok.from_name("T-T/8", channels=4)
+    config = {"kind": "ae", "model": "T-T/8", "channels": 4, "image_size": 16, "num_frames": 1}
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "step": 3, "config": config}, tmp_path / "a.pt")
     loaded = vitok.from_checkpoint(tmp_path / "a.pt")
     assert loaded.weights == "ema" and not loaded.training
