@@ -17,6 +17,7 @@ Transforms: eval resizes the short side and crops the centre. Training images: R
 every frame (the paper's video recipe: no aspect jitter).
 """
 import contextlib
+import datetime
 import math
 import os
 import warnings
@@ -448,7 +449,8 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        # An hour before a collective times out: rank 0 alone joins sample shards and computes FIDs at the end.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, device
 

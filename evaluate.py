@@ -1,12 +1,14 @@
-"""Evaluate tokenizers and generators as the paper does (§4, SPEC §5).
+"""Evaluate tokenizers and generators as the paper does (§4); the protocol's choices are in the README's Differences.
 
     python evaluate.py --ckpt ae.pt --data /datasets/imagenet/val --json ae.json      # PSNR SSIM LPIPS rFID rIS
-    torchrun --nproc_per_node=8 evaluate.py --ckpt ae.pt --data /datasets/ucf101      # + rFVD for a video model
-    python evaluate.py --ckpt dit.pt --ref imagenet_ref.npz --num-samples 50000      # gFID gIS (+ gFVD for video)
-    python evaluate.py --data /datasets/imagenet/val --save-ref imagenet_ref.npz     # reference statistics
+    torchrun --nproc_per_node=8 evaluate.py --ckpt vae.pt --data /datasets/ucf101 --split-file testlist01.txt  # + rFVD
+    python evaluate.py --ckpt dit.pt --ref VIRTUAL_imagenet256_labeled.npz --num-samples 50000   # gFID gIS (+ gFVD)
+    python evaluate.py --data /datasets/imagenet/train --save-ref imagenet_ref.npz    # reference statistics
 
 Pretrained networks are the field's standard files (same names, URLs and keys as the standard tools); a metric
 whose network is missing is skipped with a message saying what to download and where, never estimated.
+Memory does not grow with the number of samples: metrics are running sums (of per-image values; count, sum x and
+sum x x^T of features; IS per split) summed over ranks at the end; each rank writes its samples to a shard file.
 """
 import argparse
 import json
@@ -19,7 +21,6 @@ import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from torchvision.models import inception as tv_inception
 from tqdm import tqdm
 
@@ -36,6 +37,7 @@ TV_INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 TV_INCEPTION_URL = f"https://download.pytorch.org/models/{TV_INCEPTION_FILE}"
 I3D_FILE = "i3d_torchscript.pt"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
+IS_SPLITS = 10  # the improved-GAN code's 10 splits; ADM's 5,000-sample splits are the same at 50k samples
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -47,19 +49,24 @@ def to_uint8(x):
 
 
 def psnr(x, y, data_range=255.0):
-    """Per image [N] for x, y [N,3,H,W] in 0..255: 10 log10(range^2 / MSE)."""
+    """Per image [N] for x, y [N,3,H,W] in 0..255: 10 log10(range^2 / MSE). Per image, then averaged; the paper's
+    code pools the MSE over a batch first (the README's Differences)."""
     mse = (x.double() - y.double()).pow(2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-10))
 
 
-def ssim(x, y, data_range=255.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
-    """SSIM (Wang et al. 2004) per image [N]: 11x11 Gaussian window (sigma 1.5), 'valid' filtering as the
-    reference implementation, on each RGB channel, averaged over pixels and channels."""
+def ssim(x, y, form="paper", data_range=255.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """SSIM (Wang et al. 2004) per image [N] of x, y [N,3,H,W] in 0..255: an 11x11 Gaussian window (sigma 1.5) on
+    each RGB channel, the map averaged over pixels and channels. form "paper": both images reflect-padded by 5 pixels,
+    so the map covers every pixel of the original (torchmetrics, which the paper's code calls); "valid": only the
+    windows inside the image (Wang's reference code); the two differ most on small images."""
     g = torch.exp(-(torch.arange(size, dtype=torch.float64) - size // 2) ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
     window = torch.outer(g, g).expand(3, 1, size, size).to(x.device)
     x, y = x.double(), y.double()
-    blur = lambda v: F.conv2d(v, window, groups=3)  # noqa: E731
+    if form == "paper":
+        x, y = F.pad(x, [size // 2] * 4, mode="reflect"), F.pad(y, [size // 2] * 4, mode="reflect")
+    blur = lambda v: F.conv2d(v, window, groups=3)  # noqa: E731  ('valid' on the possibly padded images)
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
@@ -127,7 +134,7 @@ def find_weights(path, file, url):
 
 
 class InceptionFeatures(torch.nn.Module):
-    """x [N,3,H,W] in [-1,1] -> (2048-d pool features, class logits). kind "fid": the standard FID network
+    """x [N,3,H,W] in [-1,1] -> (2048-d pool features, logits for IS). kind "fid": the standard FID network
     (default: every published FID uses it); kind "torchvision": torchvision's ImageNet Inception (the official
     ViTok code's choice; its numbers are not comparable to published FIDs)."""
 
@@ -155,12 +162,15 @@ class InceptionFeatures(torch.nn.Module):
                      "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]:
             x = getattr(net, name)(x)
         pool = x.flatten(1)  # [N,2048]
-        return pool, net.fc(pool)
+        # IS logits are the pool features times the fc weight, without the bias: the improved-GAN code (Salimans et
+        # al. 2016), ADM's evaluator (which DiT reports with) and torch-fidelity all drop it.
+        return pool, pool @ net.fc.weight.T
+
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017), with scipy's sqrtm; retried with eps I
-    on both covariances when the product is singular, and an error when the root is far from real."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017), with scipy's sqrtm as the standard
+    tools; retried with eps I on both covariances when the product is singular; an error when the root is not real."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -175,22 +185,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def feature_stats(features):
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def inception_score(logits, splits=10):
-    """exp E_x KL(p(y|x) || p(y)) over `splits` equal parts (10 as standard; fewer when N < 10), mean and std."""
-    probs = torch.as_tensor(logits, dtype=torch.float64).softmax(dim=1)
-    scores = []
-    for part in probs.chunk(min(splits, len(probs))):
-        p_y = part.mean(0, keepdim=True)
-        scores.append(torch.exp((part * (part.clamp_min(1e-30).log() - p_y.clamp_min(1e-30).log())).sum(1).mean()))
-    scores = torch.stack(scores)
-    return scores.mean().item(), (scores.std().item() if len(scores) > 1 else 0.0)
-
-
 def i3d_features(i3d, clips):
     """StyleGAN-V's I3D (TorchScript): clips [B,3,T,H,W] in [-1,1], resized to 224^2 -> 400-d features."""
     B, C, T, H, W = clips.shape
@@ -201,72 +195,104 @@ def i3d_features(i3d, clips):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sharding: rank r takes samples r, r + W, ...; gathered rows are put back in sample order
+# Running sums: constant memory in the number of samples, summed over ranks once
 # --------------------------------------------------------------------------------------------------------------
-def gather(rows, world, device):
-    """Concatenate every rank's rows [n_r, ...] (n_r may differ) in global sample order (rank-interleaved)."""
-    if world == 1:
-        return rows
-    rows = rows.to(device)
-    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(len(rows), device=device))
-    sizes = [int(s) for s in sizes]
-    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=device)
-    padded[:len(rows)] = rows
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    total = sum(sizes)
-    out = torch.empty((total, *rows.shape[1:]), dtype=rows.dtype, device=device)
-    for r, (part, n) in enumerate(zip(parts, sizes)):
-        out[r::world][:n] = part[:n]  # sample i lives on rank i % W at position i // W
-    return out.cpu()
+class Sums:
+    """Named float64 running sums on the device: per-image metrics, feature moments and the IS split sums. Their
+    size is fixed by the feature widths, never by the number of samples; reduce() sums each over ranks (every rank
+    has the same names: each sees at least one batch)."""
 
-
-class Collector:
-    """Per-sample numbers of one rank, by name; gathered over ranks at the end."""
-
-    def __init__(self):
-        self.rows = {}
+    def __init__(self, device):
+        self.device, self.sums = device, {}
 
     def add(self, name, value):
-        self.rows.setdefault(name, []).append(value.detach().double().cpu())
+        value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        self.sums.setdefault(name, torch.zeros_like(value)).add_(value)  # in place: no second copy of a sum
 
-    def gathered(self, world, device):
-        return {k: gather(torch.cat(v), world, device).numpy() for k, v in self.rows.items()}
+    def add_moments(self, name, x):
+        """x [B,G,D]: G groups (frame indices, or one) of D-dim features -> count, sum x [G,D], sum x x^T [G,D,D]."""
+        x = x.to(self.device, torch.float64).transpose(0, 1)  # [G,B,D]
+        self.add(f"{name}_n", x.shape[1])
+        self.add(f"{name}_sum", x.sum(1))
+        self.add(f"{name}_outer", x.mT @ x)
+
+    def add_is(self, name, logits, split, splits):
+        """Per IS split (split [N] gives each row's): count, sum of p(y|x), and sum of sum_y p log p."""
+        logp = logits.to(self.device, torch.float64).log_softmax(1)  # [N,K]
+        p, split = logp.exp(), split.to(self.device)
+        zeros = lambda *shape: torch.zeros(splits, *shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.add(f"{name}_is_n", zeros().index_add_(0, split, torch.ones_like(logp[:, 0])))
+        self.add(f"{name}_is_p", zeros(p.shape[1]).index_add_(0, split, p))
+        self.add(f"{name}_is_plogp", zeros().index_add_(0, split, (p * logp).sum(1)))
+
+    def reduce(self):
+        """All ranks: the sums over ranks, as numpy arrays."""
+        if dist.is_initialized():
+            for name in sorted(self.sums):
+                dist.all_reduce(self.sums[name])
+        return {k: v.cpu().numpy() for k, v in self.sums.items()}
 
 
-def load_networks(args, video, rank):
-    """The feature networks that are available, and (for the report) which files were used or why not."""
+def gaussian(s, name):
+    """Mean [G,D] and covariance [G,D,D] (ddof=1, as np.cov) of G feature groups from their count, sum x, sum x x^T."""
+    n, mu = s[f"{name}_n"], s[f"{name}_sum"] / s[f"{name}_n"]
+    return mu, (s[f"{name}_outer"] - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
+
+
+def fid(a, b):
+    """Frechet distance of each group (frame index) of the (mu, sigma) pairs a and b, averaged over the groups."""
+    return float(np.mean([frechet_distance(*ab) for ab in zip(*a, *b)]))
+
+
+def inception_score(s, name):
+    """exp E_x KL(p(y|x) || p(y)) in each split, averaged over splits (Salimans et al. 2016), exactly, from the sums:
+    E_x KL = E_x sum_y p log p - sum_y p(y) log p(y), with p(y) the split's mean of p(y|x). Returns (mean, std)."""
+    n = s[f"{name}_is_n"]
+    marginal = s[f"{name}_is_p"] / n[:, None]
+    kl = s[f"{name}_is_plogp"] / n - (marginal * np.log(np.maximum(marginal, 1e-300))).sum(1)
+    return float(np.exp(kl).mean()), float(np.exp(kl).std())
+
+
+def add_features(sums, nets, prefix, x, indices, n, video_fid="per-frame"):
+    """Inception features of every frame and I3D features of each clip of a batch x in [-1,1] whose samples have
+    global indices `indices` out of n. Video FID keeps one Gaussian per frame index (the paper's code), or pools all
+    frames into one; IS takes every frame, a clip's frames in its split."""
+    B = x.shape[0]
+    if "inception" in nets:
+        pool, logits = nets["inception"](frames_to_batch(x).to(sums.device))  # [B*T,2048], [B*T,1008]
+        T = pool.shape[0] // B
+        sums.add_moments(f"{prefix}_pool", pool.view(B, T, -1) if video_fid == "per-frame" else pool[:, None])
+        splits = min(IS_SPLITS, n)
+        split = ((torch.as_tensor(indices) + 1) * splits - 1) // n  # the improved-GAN code's [k n/s, (k+1) n/s)
+        sums.add_is(prefix, logits, split.repeat_interleave(T), splits)
+    if "i3d" in nets and x.dim() == 5:
+        sums.add_moments(f"{prefix}_i3d", i3d_features(nets["i3d"], x.to(sums.device))[:, None])
+
+
+def load_networks(args, video, rank, device):
+    """The feature networks that are available, on the device, and (for the report) which files or why not."""
     nets, used = {}, {}
     file, url = (FID_FILE, FID_URL) if args.inception == "fid" else (TV_INCEPTION_FILE, TV_INCEPTION_URL)
     path, why = find_weights(args.inception_weights, file, url)
     if path:
-        nets["inception"], used["inception"] = InceptionFeatures(args.inception, path), path
+        nets["inception"], used["inception"] = InceptionFeatures(args.inception, path).to(device), path
     elif rank == 0:
         print(f"FID/IS skipped: {why}, or pass --inception-weights PATH", flush=True)
     if video:
         path, why = find_weights(args.i3d_weights, I3D_FILE, I3D_URL)
         if path:
-            nets["i3d"], used["i3d"] = torch.jit.load(path, map_location="cpu").eval(), path
+            nets["i3d"], used["i3d"] = torch.jit.load(path, map_location=device).eval(), path
         elif rank == 0:
             print(f"FVD skipped: {why}, or pass --i3d-weights PATH", flush=True)
     return nets, used
 
 
-def add_features(col, nets, prefix, x, device):
-    """Inception features (frames folded for video) and I3D features of a batch in [-1,1]."""
-    frames = frames_to_batch(x)
-    if "inception" in nets:
-        pool, logits = nets["inception"](frames.to(device))
-        col.add(f"{prefix}_pool", pool)
-        col.add(f"{prefix}_logits", logits)
-    if "i3d" in nets and x.dim() == 5:
-        col.add(f"{prefix}_i3d", i3d_features(nets["i3d"], x.to(device)))
-
-
-def shard(dataset, num_samples, rank, world):
-    n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
-    return n, torch.utils.data.Subset(dataset, list(range(rank, n, world)))
+def load_dataset(args, size, T):
+    """--data at the evaluation size; clips take every --frame-stride-th frame of the files --split-file lists."""
+    try:
+        return data.build_dataset(args.data, size, T, frame_stride=args.frame_stride, split_file=args.split_file)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        fail(str(err))
 
 
 def fail(message):
@@ -288,22 +314,21 @@ def bilinear_codec(x, floats):
 
 @torch.no_grad()
 def evaluate_tokenizer(args, ckpt, rank, world, device):
-    cfg = ckpt["config"]
+    config = ckpt["config"]
     try:
         model = vitok.from_checkpoint(args.ckpt, state=ckpt).to(device)
     except RuntimeError as err:
-        fail(f"{args.ckpt}: the weights do not match its config ({cfg['model']}, c={cfg['channels']}): "
+        fail(f"{args.ckpt}: the weights do not match its config ({config['model']}, c={config['channels']}): "
              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}")
-    size, T = args.image_size or cfg["image_size"], cfg["num_frames"]
+    size, T = args.image_size or config["image_size"], config["num_frames"]
     try:
         grid = model.grid((T, size, size))
-        dataset = data.build_dataset(args.data, size, T)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except ValueError as err:
         fail(str(err))
-    n, part = shard(dataset, args.num_samples, rank, world)
+    n, part = data.shard(load_dataset(args, size, T), args.num_samples, rank, world)
     if n < world:
         fail(f"{n} samples cannot be split over {world} ranks")
-    nets, used = load_networks(args, T > 1, rank)
+    nets, used = load_networks(args, T > 1, rank, device)
     used["model"] = model.weights
     try:
         lpips = losses.LPIPS().to(device)
@@ -313,164 +338,201 @@ def evaluate_tokenizer(args, ckpt, rank, world, device):
         if rank == 0:
             print(f"LPIPS skipped: {err}", flush=True)
     if rank == 0:
-        print(f"{args.ckpt}: {cfg['model']} c={cfg['channels']} step {ckpt.get('step')}, {model.weights} weights; "
-              f"{n} samples of {args.data} at {'x'.join(map(str, (T, size, size)))}", flush=True)
+        print(f"{args.ckpt}: {config['model']} c={config['channels']} step {ckpt.get('step')}, {model.weights} "
+              f"weights; {n} samples of {args.data} at {'x'.join(map(str, (T, size, size)))}", flush=True)
     floats = grid[0] * grid[1] * grid[2] * model.channels
-    col, shown = Collector(), None
+    sums, shown = Sums(device), None
     loader = torch.utils.data.DataLoader(part, batch_size=args.batch_size, num_workers=args.workers)
-    for x, _ in tqdm(loader, desc="reconstruct", disable=rank != 0):
+    for b, (x, _) in enumerate(tqdm(loader, desc="reconstruct", disable=rank != 0)):
+        indices = part.indices[b * args.batch_size:(b + 1) * args.batch_size]
         x = x.to(device)
         with autocast(device, args.precision):
             x_hat = model.decode(model.encode(x).mode(), x.shape[2:])
         real8, recon8 = to_uint8(x), to_uint8(x_hat)
-        B = x.shape[0]
-        col.add("psnr", psnr(frames_to_batch(real8), frames_to_batch(recon8)).view(B, -1).mean(1))  # videos: mean over frames
-        col.add("ssim", ssim(frames_to_batch(real8), frames_to_batch(recon8)).view(B, -1).mean(1))
-        col.add("baseline_psnr", psnr(frames_to_batch(real8), to_uint8(bilinear_codec(x, floats))).view(B, -1).mean(1))
+        frames, B = frames_to_batch(real8), x.shape[0]
+        per_frame = {"psnr": psnr(frames, frames_to_batch(recon8)),
+                     "ssim": ssim(frames, frames_to_batch(recon8), form=args.ssim),
+                     "baseline_psnr": psnr(frames, to_uint8(bilinear_codec(x, floats)))}
+        for name, v in per_frame.items():  # a clip's frames averaged, then summed over clips
+            sums.add(name, v.view(B, -1).mean(1).sum())
+        sums.add("count", B)
         real, recon = real8 / 127.5 - 1, recon8 / 127.5 - 1
         if lpips is not None:
-            col.add("lpips", lpips(recon, real, reduce=False))
-        add_features(col, nets, "real", real, device)
-        add_features(col, nets, "recon", recon, device)
+            sums.add("lpips", lpips(recon, real, reduce=False).sum())
+        add_features(sums, nets, "real", real, indices, n, args.video_fid)
+        add_features(sums, nets, "recon", recon, indices, n, args.video_fid)
         shown = shown if shown is not None else (real[:8].cpu(), recon[:8].cpu())
-    g = col.gathered(world, device)
-    results = {k: float(g[k].mean()) for k in ("psnr", "ssim", "lpips", "baseline_psnr") if k in g}
-    if "real_pool" in g:
-        results["rfid"] = frechet_distance(*feature_stats(g["real_pool"]), *feature_stats(g["recon_pool"]))
-        results["ris"] = inception_score(g["recon_logits"])[0]
-    if "real_i3d" in g:
-        results["rfvd"] = frechet_distance(*feature_stats(g["real_i3d"]), *feature_stats(g["recon_i3d"]))
+    s = sums.reduce()
+    if rank != 0:
+        return {}, n, used, shown
+    results = {k: float(s[k] / s["count"]) for k in ("psnr", "ssim", "lpips", "baseline_psnr") if k in s}
+    if "real_pool_n" in s:
+        results["rfid"] = fid(gaussian(s, "real_pool"), gaussian(s, "recon_pool"))
+        results["ris"] = inception_score(s, "recon")[0]
+    if "real_i3d_n" in s:
+        results["rfvd"] = fid(gaussian(s, "real_i3d"), gaussian(s, "recon_i3d"))
     return results, n, used, shown
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Generator: N samples with CFG, decoded by the tokenizer, against reference statistics
 # --------------------------------------------------------------------------------------------------------------
+def noise_and_labels(indices, shape, num_classes, seed, balanced=False):
+    """Sample i's initial noise [*shape] and class come from a generator seeded by (seed, i) alone, so that samples
+    depend on neither the number of ranks nor the batch size. Classes are uniform at random, as DiT's sample_ddp.py
+    draws them; balanced: i mod K. Unconditional models (K = 0) get label 0."""
+    z, y = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed * 10_000_019 + i)
+        z.append(torch.randn(shape, generator=g))
+        y.append(0 if not num_classes else i % num_classes if balanced else
+                 int(torch.randint(num_classes, (), generator=g)))
+    return torch.stack(z), torch.tensor(y)
+
+
 @torch.no_grad()
-def reference_features(args, size, T, nets, rank, world, device):
-    try:
-        dataset = data.build_dataset(args.data, size, T)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        fail(str(err))
-    n, part = shard(dataset, args.num_ref, rank, world)
-    col = Collector()
+def reference_stats(args, size, T, nets, rank, world, device):
+    """Mean and covariance of the features of --data's first --num-ref samples (all ranks take part), rounded to uint8
+    as the samples are; the groups of per-frame video FID kept."""
+    n, part = data.shard(load_dataset(args, size, T), args.num_ref, rank, world)
+    if n < world:
+        fail(f"{n} reference samples cannot be split over {world} ranks")
+    sums = Sums(device)
     loader = torch.utils.data.DataLoader(part, batch_size=args.batch_size, num_workers=args.workers)
-    for x, _ in tqdm(loader, desc="reference", disable=rank != 0):
-        add_features(col, nets, "real", x, device)
-    return col.gathered(world, device), n
+    for b, (x, _) in enumerate(tqdm(loader, desc="reference", disable=rank != 0)):
+        indices = part.indices[b * args.batch_size:(b + 1) * args.batch_size]
+        add_features(sums, nets, "real", to_uint8(x) / 127.5 - 1, indices, n, args.video_fid)
+    s, stats = sums.reduce(), {}
+    for name, key in (("real_pool", ""), ("real_i3d", "_i3d")):
+        if f"{name}_n" in s:
+            stats[f"mu{key}"], stats[f"sigma{key}"] = gaussian(s, name)
+    return stats, n
+
+
+def load_reference(path):
+    """mu/sigma (and mu_i3d/sigma_i3d) of a reference .npz, with a group axis: ADM's reference batches (whose
+    images, arr_0, are not read) and --save-ref's files both load."""
+    with np.load(path) as f:
+        ref = {k: f[k].astype(np.float64) for k in ("mu", "sigma", "mu_i3d", "sigma_i3d") if k in f.files}
+    return {k: v[None] if v.ndim == (1 if k.startswith("mu") else 2) else v for k, v in ref.items()}
 
 
 @torch.no_grad()
 def evaluate_generator(args, ckpt, rank, world, device):
-    cfg = ckpt["config"]
-    ae_path = args.ae_ckpt or cfg["ae_ckpt"]
+    config = ckpt["config"]
+    ae_path = args.ae_ckpt or config["ae_ckpt"]
     if not os.path.exists(ae_path):
         fail(f"the tokenizer {ae_path} named by {args.ckpt} is missing; pass --ae-ckpt")
-    ae = vitok.from_checkpoint(ae_path).to(device)
-    grid, K, c = tuple(cfg["grid"]), cfg["num_classes"], cfg["channels"]
     try:
-        model = dit.from_checkpoint(args.ckpt, state=ckpt).to(device)
+        model = dit.from_checkpoint(args.ckpt, state=ckpt).to(device)  # the file main read, not read again
     except RuntimeError as err:
-        fail(f"{args.ckpt}: the weights do not match its config ({cfg['model']}): {str(err).splitlines()[0]}")
-    weights = model.weights
-    T, S = cfg["num_frames"], cfg["image_size"]
-    size = (S, S) if T == 1 else (T, S, S)
+        fail(f"{args.ckpt}: the weights do not match its config ({config['model']}): {str(err).splitlines()[0]}")
+    ae = vitok.from_checkpoint(ae_path).to(device)
+    grid, K, c = config["grid"], config["num_classes"], config["channels"]
+    T, S = config["num_frames"], config["image_size"]
     n = args.num_samples or 50_000
+    if n < world:
+        fail(f"{n} samples cannot be split over {world} ranks")
     cfg_scale = args.cfg_scale if K else 1.0  # unconditional: nothing to guide
-    nets, used = load_networks(args, T > 1, rank)
-    used.update(model=weights, tokenizer=f"{ae_path} ({ae.weights})")
+    nets, used = load_networks(args, T > 1, rank, device)
+    used.update(model=model.weights, tokenizer=f"{ae_path} ({ae.weights})")
     if rank == 0:
-        print(f"{args.ckpt}: {cfg['model']} step {ckpt.get('step')}, {weights} weights; {n} samples, {args.steps} DDIM "
-              f"steps, cfg {cfg_scale}, {K} classes", flush=True)
-    mine, col, images = list(range(rank, n, world)), Collector(), []
-    L = grid[0] * grid[1] * grid[2]
+        print(f"{args.ckpt}: {config['model']} step {ckpt.get('step')}, {model.weights} weights; {n} samples, "
+              f"{args.sample_steps} DDIM steps, cfg {cfg_scale}, {K} classes "
+              f"({'balanced' if args.balanced_labels else 'random'}), {args.precision}", flush=True)
+    out = args.samples or os.path.splitext(args.ckpt)[0] + "_samples.npz"
+    mine = range(rank, n, world)
+    shard = data.open_shard(out, rank, len(mine), (S, S, 3) if T == 1 else (T, S, S, 3))  # NHWC (video: NTHWC)
+    sums = Sums(device)
     for start in tqdm(range(0, len(mine), args.batch_size), desc="sample", disable=rank != 0):
-        idx = mine[start:start + args.batch_size]
-        # Per-sample noise seeds and class-balanced labels: samples do not depend on the number of ranks.
-        z = torch.stack([torch.randn(L, c, generator=torch.Generator().manual_seed(args.seed * 10_000_019 + i))
-                         for i in idx]).to(device)
-        y = torch.tensor([i % K if K else 0 for i in idx], device=device)
+        indices = mine[start:start + args.batch_size]
+        z, y = noise_and_labels(indices, (math.prod(grid), c), K, args.seed, args.balanced_labels)
         with autocast(device, args.precision):
-            latents = dit.sample(model, z, y, steps=args.steps, cfg_scale=cfg_scale)
-            x = ae.decode(latents / cfg["latent_scale"], size).float()
+            latents = dit.sample(model, z.to(device), y.to(device), steps=args.sample_steps, cfg_scale=cfg_scale)
+            x = ae.decode(latents / config["latent_scale"], (S, S) if T == 1 else (T, S, S)).float()
         x8 = to_uint8(x)
-        add_features(col, nets, "gen", x8 / 127.5 - 1, device)
-        images.append(x8.to(torch.uint8).movedim(1, -1).cpu())  # NHWC (video: NTHWC)
-    g = col.gathered(world, device)
-    samples = gather(torch.cat(images), world, device).numpy()
-    results = {}
-    if "gen_pool" in g or "gen_i3d" in g:
-        ref = {}
+        add_features(sums, nets, "gen", x8 / 127.5 - 1, indices, n, args.video_fid)
+        shard[start:start + len(indices)] = x8.to(torch.uint8).movedim(1, -1).cpu().numpy()
+    shard.flush()
+    del shard
+    s, ref = sums.reduce(), {}
+    if nets:
         if args.ref:
-            ref = dict(np.load(args.ref))
+            ref = load_reference(args.ref)
         elif args.data:
-            feats, _ = reference_features(args, S, T, nets, rank, world, device)
-            if "real_pool" in feats:
-                ref["mu"], ref["sigma"] = feature_stats(feats["real_pool"])
-            if "real_i3d" in feats:
-                ref["mu_i3d"], ref["sigma_i3d"] = feature_stats(feats["real_i3d"])
+            ref = reference_stats(args, S, T, nets, rank, world, device)[0]
         elif rank == 0:
             print("gFID/gFVD skipped: pass --ref stats.npz or --data FOLDER for the reference statistics")
-        if "gen_pool" in g:
-            results["gis"] = inception_score(g["gen_logits"])[0]
-            if "mu" in ref:
-                results["gfid"] = frechet_distance(*feature_stats(g["gen_pool"]), ref["mu"], ref["sigma"])
-        if "gen_i3d" in g and "mu_i3d" in ref:
-            results["fvd"] = frechet_distance(*feature_stats(g["gen_i3d"]), ref["mu_i3d"], ref["sigma_i3d"])
-    if rank == 0:
-        out = args.samples or os.path.splitext(args.ckpt)[0] + "_samples.npz"
-        np.savez(out, arr_0=samples)  # uint8 NHWC, as the ADM evaluator reads (video: NTHWC)
-        print(f"samples: {out} {samples.shape} uint8", flush=True)
-    shown = torch.from_numpy(samples[:16]).movedim(-1, 1).float() / 127.5 - 1
+    if world > 1:
+        dist.barrier()  # every shard is on disk before rank 0 joins them
+    if rank != 0:
+        return {}, n, used, None
+    head = data.join_shards(out, n, world)  # uint8 NHWC arr_0, as the ADM evaluator reads
+    print(f"samples: {out} {(n, *head.shape[1:])} uint8", flush=True)
+    results = {}
+    for name, key, metric in (("gen_pool", "", "gfid"), ("gen_i3d", "_i3d", "fvd")):
+        if f"{name}_n" in s and f"mu{key}" in ref:
+            mu, sigma = gaussian(s, name)
+            if ref[f"mu{key}"].shape != mu.shape:
+                fail(f"the reference statistics {ref[f'mu{key}'].shape} do not match the samples' {mu.shape} "
+                     f"(per-frame video FID needs per-frame references: --save-ref with --num-frames)")
+            results[metric] = fid((mu, sigma), (ref[f"mu{key}"], ref[f"sigma{key}"]))
+    if "gen_is_n" in s:
+        results["gis"] = inception_score(s, "gen")[0]
+    shown = torch.from_numpy(head).movedim(-1, 1).float() / 127.5 - 1
     return results, n, used, (shown[:8], shown[8:16])
+
+
+def save_reference(args, rank, world, device):
+    """--save-ref: mu/sigma (mu_i3d/sigma_i3d for clips) of --data, in the layout of ADM's reference batches."""
+    if not (args.save_ref and args.data):
+        fail("pass --ckpt (a train_ae.py or train_dit.py checkpoint), or --data with --save-ref")
+    nets, used = load_networks(args, args.num_frames > 1, rank, device)
+    if not nets:
+        fail("no feature network available for reference statistics (see above)")
+    stats, n = reference_stats(args, args.image_size or 256, args.num_frames, nets, rank, world, device)
+    if rank == 0:  # one group (images, pooled frames) is stored without its group axis, as ADM's files
+        np.savez(args.save_ref, **{k: v[0] if len(v) == 1 else v for k, v in stats.items()})
+        print(f"reference statistics of {n} samples of {args.data}: {args.save_ref} ({', '.join(stats)})")
 
 
 # --------------------------------------------------------------------------------------------------------------
 def main(args):
     rank, world, device = setup_distributed()
     if args.ckpt is None:
-        if not (args.save_ref and args.data):
-            fail("pass --ckpt (a train_ae.py or train_dit.py checkpoint), or --data with --save-ref")
-        nets, used = load_networks(args, args.num_frames > 1, rank)
-        if not nets:
-            fail("no feature network available for reference statistics (see above)")
-        feats, n = reference_features(args, args.image_size or 256, args.num_frames, nets, rank, world, device)
-        if rank == 0:
-            stats = {}
-            if "real_pool" in feats:
-                stats["mu"], stats["sigma"] = feature_stats(feats["real_pool"])
-            if "real_i3d" in feats:
-                stats["mu_i3d"], stats["sigma_i3d"] = feature_stats(feats["real_i3d"])
-            np.savez(args.save_ref, **stats)
-            print(f"reference statistics of {n} samples of {args.data}: {args.save_ref} ({', '.join(stats)})")
+        save_reference(args, rank, world, device)
         return cleanup_distributed()
     if not os.path.exists(args.ckpt):
         fail(f"checkpoint {args.ckpt} does not exist")
-    try:
+    try:  # read once: the evaluation takes the model from this dict
         ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        kind = ckpt["config"]["kind"]
+        kind, video = ckpt["config"]["kind"], ckpt["config"]["num_frames"] > 1
     except Exception as err:  # any unreadable or foreign file: one line naming it
         fail(f"{args.ckpt} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "
              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    # bf16 for tokenizers (the paper found bf16 and fp32 equal, App. A); fp32 for DiT sampling, as DiT's sampler
+    args.precision = args.precision or ("fp32" if kind == "dit" else "bf16")
+    protocol = {"precision": args.precision, **({"video_fid": args.video_fid} if video else {})}
     if kind == "ae":
         if args.data is None:  # default to the training source ("synthetic" has a separate eval stream)
             args.data = ckpt["config"]["data"]
             if rank == 0:
                 print(f"no --data: evaluating on the training source {args.data} (pass --data for held-out images)")
         results, n, used, shown = evaluate_tokenizer(args, ckpt, rank, world, device)
+        protocol["ssim_form"] = args.ssim
     elif kind == "dit":
         results, n, used, shown = evaluate_generator(args, ckpt, rank, world, device)
+        protocol["labels"] = "balanced" if args.balanced_labels else "random"
     else:
         fail(f"{args.ckpt} has kind {kind!r}; expected 'ae' or 'dit'")
     if rank == 0:
         print(f"\n{'metric':<14}{'value':>12}")
         for k, v in results.items():
             print(f"{k:<14}{v:>12.4f}")
-        print(f"{'samples':<14}{n:>12d}\nweights: {used}")
-        report = {**results, "num_samples": n, "weights": used}
+        print(f"{'samples':<14}{n:>12d}\nweights: {used}\nprotocol: {protocol}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+                json.dump({**results, "num_samples": n, "weights": used, **protocol}, f, indent=2)
         grid_path = args.grid or os.path.splitext(args.json or args.ckpt)[0] + "_grid.png"
         save_grid(grid_path, *shown)
         print(f"grid: {grid_path}" + (f"; json: {args.json}" if args.json else ""), flush=True)
@@ -492,14 +554,25 @@ def parse_args(argv=None):
     p.add_argument("--grid", help="PNG of originals/reconstructions or samples (default next to --json or --ckpt)")
     p.add_argument("--image-size", type=int, help="evaluate at this resolution (default: the checkpoint's)")
     p.add_argument("--num-frames", type=int, default=1, help="--save-ref only: clip length of the reference data")
+    p.add_argument("--frame-stride", type=int, default=3, help="clips: every n-th frame (3: 8 fps on UCF-101's 25, "
+                                                                "as the paper)")
+    p.add_argument("--split-file", help="keep the files this list names (UCF-101: testlist01.txt, or testlist01)")
+    p.add_argument("--ssim", choices=["paper", "valid"], default="paper",
+                   help="paper: reflect-padded, every pixel (torchmetrics, the paper's code); valid: Wang's reference")
+    p.add_argument("--video-fid", choices=["per-frame", "pooled"], default="per-frame",
+                   help="video FID: one per frame index, averaged (the paper's code), or all frames pooled")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast on GPU")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast on GPU (default: bf16 for tokenizers, "
+                                                                 "fp32 for DiT sampling; bf16's gFID is unmeasured)")
     p.add_argument("--ae-ckpt", help="DiT: the tokenizer to decode with (default: the one its checkpoint names)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="DiT: classifier-free guidance scale")
-    p.add_argument("--steps", type=int, default=250, help="DiT: DDIM steps")
-    p.add_argument("--seed", type=int, default=0, help="DiT: seed of the sampling noise")
-    p.add_argument("--ref", help="DiT: reference statistics .npz (mu, sigma; mu_i3d, sigma_i3d for FVD)")
+    p.add_argument("--sample-steps", type=int, default=250, help="DiT: DDIM steps (default 250)")
+    p.add_argument("--balanced-labels", action="store_true", help="DiT: class i mod K for sample i (default: "
+                                                                  "uniform at random, as DiT)")
+    p.add_argument("--seed", type=int, default=0, help="DiT: seed of the sampling noise and labels")
+    p.add_argument("--ref", help="DiT: reference statistics .npz (mu, sigma; mu_i3d, sigma_i3d for FVD), e.g. ADM's "
+                                 "VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("--num-ref", type=int, help="DiT/--save-ref: at most this many reference samples")
     p.add_argument("--samples", help="DiT: where to write the samples .npz (default <ckpt>_samples.npz)")
     p.add_argument("--save-ref", help="with --data and no --ckpt: write reference statistics to this .npz")

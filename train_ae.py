@@ -125,10 +125,11 @@ def main(args):
         for frozen in (model.embed, model.encoder, model.to_moments):
             frozen.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
+    # AdamW with the learning rates scaled linearly with the global batch (App. A); fused kernels on GPU.
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=config["lr"] * gb / 256, betas=config["betas"],
                             weight_decay=config["weight_decay"], fused=fused)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # evaluation and stage 2 use the EMA weights
     stateful = dict(model=model, ema=ema, opt=opt)  # what a checkpoint holds, by its key
     if disc is not None:
         d_opt = torch.optim.AdamW(disc.parameters(), lr=config["disc_lr"] * gb / 256, betas=config["betas"],
@@ -144,6 +145,7 @@ def main(args):
     disc_fwd = run.compile(disc)
     disc_ddp = run.ddp(disc_fwd)
 
+    # Each rank loads its interleaved share of the global batch; a resumed run starts at the batch it stopped at.
     dataset = data.build_dataset(config["data"], config["image_size"], config["num_frames"], train=True,
                                  frame_stride=config["frame_stride"], split_file=config["split_file"])
     loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed, start_step=run.start,

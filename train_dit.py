@@ -94,6 +94,7 @@ def main(args):
 
     # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache (written on first use).
     ae = ae.to(device)
+    # Centre crops (train=False) as DiT; the step below flips half of them, in pixels or by picking the mirror.
     images = data.build_dataset(config["data"], config["image_size"], config["num_frames"], train=False,
                                 frame_stride=config["frame_stride"], split_file=config["split_file"])
     if config["latent_cache"]:
@@ -107,6 +108,7 @@ def main(args):
         run.say("unlabelled data: training with the null class only (unconditional; sampling ignores CFG)")
 
     # Build, resume, compile, wrap; the raw modules stay for EMA, samples and checkpoints.
+    # The DiT's token grid is the tokenizer's latent grid: one DiT token per latent token (§3.3).
     model = dit.DiT_models[config["model"]](channels=config["channels"], grid=config["grid"],
                                             num_classes=config["num_classes"], grad_ckpt=config["grad_ckpt"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=config["betas"],
@@ -116,6 +118,7 @@ def main(args):
     run.resume(stateful, same=("kind", "model", "channels", "grid", "num_classes"))
     model_ddp = run.ddp(run.compile(model))
 
+    # Each rank loads its interleaved share of the global batch; a resumed run starts at the batch it stopped at.
     loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed, start_step=run.start,
                                   num_workers=config["workers"])
     L, c, mine = int(np.prod(config["grid"])), config["channels"], slice(run.rank, None, run.world)
@@ -144,13 +147,14 @@ def main(args):
                 with autocast(device, config["precision"]):
                     posterior = ae.encode(x)
             z = posterior.sample(posterior_noise) * config["latent_scale"]  # [B,L,c]
+        # L_hybrid = L_simple + L_vb (IDDPM), over the rank's latents; DDP averages the gradients over ranks.
         with autocast(device, config["precision"]):
             terms = dit.training_losses(model_ddp, z, y, t, diffusion_noise)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] or float("inf"))
         opt.step()
-        update_ema(ema, model, ema_decay(step, config))
+        update_ema(ema, model, ema_decay(step, config))  # the EMA is what evaluate.py samples from
 
         terms.update(z_mean=z.mean(), z_std=z.std())  # the paper trains on unscaled latents: report their scale
         run.end_step(step, terms, stateful)
