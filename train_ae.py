@@ -116,7 +116,8 @@ def main(args):
     device, stage, gb, seed = run.device, config["stage"], config["global_batch_size"], config["seed"]
 
     # Build. LPIPS first: with eta > 0 a missing VGG16 file stops the run here, before any work is done.
-    lpips = losses.LPIPS().to(device) if config["lpips_weight"] > 0 else None
+    lpips_precision = config["precision"] if device.type == "cuda" else "fp32"  # its VGG trunk in bf16 on GPU
+    lpips = losses.LPIPS(precision=lpips_precision).to(device) if config["lpips_weight"] > 0 else None
     model = vitok.from_name(config["model"], channels=config["channels"], grad_ckpt=config["grad_ckpt"]).to(device)
     disc = losses.Discriminator(config["image_size"], config["disc_channels"]).to(device) if stage == 2 else None
     if stage == 2 and run.state is None:

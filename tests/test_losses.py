@@ -28,6 +28,17 @@ def test_lpips_random_backbone_is_zero_on_identical_and_averages_frames():
     assert lpips(other, clip, reduce=False).shape == (1,)
 
 
+def test_lpips_equals_the_lpips_package_and_its_bf16_trunk_stays_close():
+    torch.manual_seed(0)
+    lpips = losses.LPIPS(pretrained=False)
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    y = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
+    reference = lpips.net(y, x).flatten()  # the package's own forward, image pair by pair
+    torch.testing.assert_close(lpips(y, x, reduce=False), reference, rtol=1e-5, atol=1e-7)
+    lpips.precision = "bf16"  # the VGG trunk under bf16 autocast, as train_ae.py runs it on GPU
+    assert (lpips(y, x, reduce=False) - reference).abs().max() < 0.02 * reference.abs().max()
+
+
 def test_lpips_without_vgg_weights_names_file_folder_and_url(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
