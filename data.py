@@ -49,8 +49,9 @@ def _scan(folder, exts):
 
 
 def load_rgb(path):
-    """Any image file -> float [3,H,W] in [0,1]. 16-bit images are scaled (not clipped) to [0,1]; transparency is
-    composited on white; grayscale, palette and CMYK are converted to RGB."""
+    """Any image file -> uint8 [3,H,W] (16-bit images: float in [0,1], scaled, not clipped); transparency is
+    composited on white; grayscale, palette and CMYK are converted to RGB. The transform crops and resizes in uint8
+    and converts the small result to float: converting the whole decoded image costs as much as decoding it."""
     with Image.open(path) as img:
         img.load()  # a truncated or non-image file fails here, inside the caller's error handling
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -61,11 +62,11 @@ def load_rgb(path):
             rgba = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def transform(frames, size, gen=None, square=False):
-    """frames [T,3,h,w] in [0,1] -> [T,3,size,size]. Without a generator (eval): resize the short side to `size` and
+    """frames [T,3,h,w] (uint8, or float in [0,1]) -> float [T,3,size,size] in [0,1]. Without a generator (eval): resize the short side to `size` and
     crop the centre. With one (training), drawn once for the whole clip: RandomResizedCrop (scale 0.8-1, log-uniform
     aspect 3/4-4/3, ten tries, as torchvision), or with square=True (clips) the short side resized and a random
     square crop; then a horizontal flip."""
@@ -73,7 +74,7 @@ def transform(frames, size, gen=None, square=False):
     if gen is None or square:
         frames = TF.resize(frames, size, antialias=True)
         if gen is None:
-            return TF.center_crop(frames, size)
+            return to_unit(TF.center_crop(frames, size))
         h, w = frames.shape[-2:]
         top, left = (int(u * (n + 1)) for u, n in zip(torch.rand(2, generator=gen).tolist(), (h - size, w - size)))
         frames = frames[..., top:top + size, left:left + size]
@@ -87,7 +88,12 @@ def transform(frames, size, gen=None, square=False):
             ch = cw = min(h, w)
         top, left = (int(u * (n + 1)) for u, n in zip(torch.rand(2, generator=gen).tolist(), (h - ch, w - cw)))
         frames = TF.resized_crop(frames, top, left, ch, cw, [size, size], antialias=True)
+    frames = to_unit(frames)
     return frames.flip(-1) if torch.rand(1, generator=gen).item() < 0.5 else frames
+
+
+def to_unit(frames):
+    return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames
 
 
 class _Base(torch.utils.data.Dataset):
@@ -108,7 +114,7 @@ class _Base(torch.utils.data.Dataset):
             i = (index + attempt) % len(self.items)
             gen = torch.Generator().manual_seed(seed)
             try:
-                frames = self.load(i, gen)  # [T,3,h,w] in [0,1]
+                frames = self.load(i, gen)  # [T,3,h,w], uint8 or in [0,1]
             except Exception as err:  # PIL and PyAV raise many types for broken files; we name the file, then skip
                 if self.items[i] not in self._warned:
                     self._warned.add(self.items[i])
@@ -166,7 +172,7 @@ class VideoFolder(_Base):
             want = self.pick(len(decoded), gen)
         last = max(decoded)  # a header that over-counts: the clip repeats its last frame, as a short clip does
         clip = np.stack([decoded[min(k, last)].to_ndarray(format="rgb24") for k in want])  # [T,h,w,3] uint8
-        return torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 255.0
+        return torch.from_numpy(clip).permute(0, 3, 1, 2)  # [T,3,h,w] uint8
 
 
 class Procedural(torch.utils.data.Dataset):

@@ -49,7 +49,9 @@ def rope_table(grid, head_dim, device, theta=10000.0):
     first pairs belong to t, then h, then w. Scores q.k then depend only on the offsets along each axis.
     """
     key = (tuple(grid), head_dim, theta, str(device))
-    if key not in _ROPE_CACHE:
+    if key not in _ROPE_CACHE or torch.compiler.is_compiling():
+        # Under torch.compile the table is built inside the graph: a guard on this dict would recompile the model
+        # once after the first call has filled it.
         angles = []
         for size, n in zip(grid, rope_split(head_dim)):
             freqs = theta ** (-torch.arange(0, n, dtype=torch.float64) / n)  # [n]
@@ -60,7 +62,10 @@ def rope_table(grid, head_dim, device, theta=10000.0):
             angles[1][None, :, None, :].expand(t, h, w, -1),
             angles[2][None, None, :, :].expand(t, h, w, -1),
         ], dim=-1).reshape(t * h * w, head_dim // 2)  # [L, head_dim/2]
-        _ROPE_CACHE[key] = (angle.cos().float().to(device), angle.sin().float().to(device))
+        table = (angle.cos().float().to(device), angle.sin().float().to(device))
+        if torch.compiler.is_compiling():
+            return table
+        _ROPE_CACHE[key] = table
     return _ROPE_CACHE[key]
 
 

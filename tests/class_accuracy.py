@@ -38,16 +38,16 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", default="dit.pt")
     p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--train-steps", type=int, default=300, help="classifier steps")
     args = p.parse_args()
     torch.manual_seed(0)
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    cfg = ckpt["config"]
-    if cfg["data"] != "synthetic" or cfg["num_frames"] != 1:
+    config = ckpt["config"]
+    if config["data"] != "synthetic" or config["num_frames"] != 1:
         raise SystemExit(f"{args.ckpt} was not trained on synthetic images")
-    size = cfg["image_size"]
+    size = config["image_size"]
 
     start = time.time()
     train = data.build_dataset("synthetic", size, train=True)
@@ -66,20 +66,17 @@ def main():
     real_acc = accuracy(net, torch.stack(xs), torch.tensor(ys))
     print(f"classifier: {real_acc:.1%} on 500 held-out synthetic images ({time.time() - start:.0f}s)")
 
-    ae = vitok.from_checkpoint(cfg["ae_ckpt"])
-    model = dit.DiT_models[cfg["model"]](channels=cfg["channels"], grid=tuple(cfg["grid"]),
-                                         num_classes=cfg["num_classes"])
-    model.load_state_dict(ckpt["ema"])
-    model.eval()
+    ae = vitok.from_checkpoint(config["ae_ckpt"])
+    model = dit.from_checkpoint(args.ckpt, state=ckpt)
     y = torch.arange(10).repeat_interleave(args.per_class)
-    L = cfg["grid"][0] * cfg["grid"][1] * cfg["grid"][2]
-    z = torch.randn(len(y), L, cfg["channels"], generator=torch.Generator().manual_seed(1))
+    L = config["grid"][0] * config["grid"][1] * config["grid"][2]
+    z = torch.randn(len(y), L, config["channels"], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        latents = dit.sample(model, z, y, steps=args.steps, cfg_scale=args.cfg_scale, progress=True)
-        samples = ae.decode(latents / cfg["latent_scale"], (size, size)).clamp(-1, 1)
+        latents = dit.sample(model, z, y, steps=args.sample_steps, cfg_scale=args.cfg_scale, progress=True)
+        samples = ae.decode(latents / config["latent_scale"], (size, size)).clamp(-1, 1)
     acc = accuracy(net, samples, y)
     print(f"samples: {acc:.1%} of {len(y)} class-conditional samples classified as their class "
-          f"(chance 10%; cfg {args.cfg_scale}, {args.steps} DDIM steps, {args.ckpt} at step {ckpt['step']})")
+          f"(chance 10%; cfg {args.cfg_scale}, {args.sample_steps} DDIM steps, {args.ckpt} at step {ckpt['step']})")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def test_training_clips_take_a_square_crop_of_the_short_side_resize(tmp_path):
         for f in range(2):
             (tmp_path / cls / "clip").mkdir(parents=True, exist_ok=True)
             Image.fromarray(frame).save(tmp_path / cls / "clip" / f"{f}.png")
-    resized = TF.resize(torch.from_numpy(frame).permute(2, 0, 1).float() / 255, 24, antialias=True) * 2 - 1  # [3,24,32]
+    resized = TF.resize(torch.from_numpy(frame).permute(2, 0, 1), 24, antialias=True).float() / 255 * 2 - 1  # [3,24,32]
     windows = [resized[:, :, left:left + 24] for left in range(resized.shape[-1] - 24 + 1)]
     windows += [w.flip(-1) for w in windows]
     ds = data.build_dataset(str(tmp_path), 24, num_frames=2, frame_stride=1, train=True)

@@ -149,6 +149,17 @@ def test_block_loop_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+def test_compiled_model_does_not_recompile_after_the_first_call():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    vitok._ROPE_CACHE.clear()  # the first call fills the RoPE table cache: no guard may depend on it
+    model = torch.compile(vitok.from_name("T-T/8", channels=4), backend="eager")
+    for _ in range(3):
+        model(torch.randn(2, 3, 16, 16))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     # A batch of smooth synthetic images: coloured discs and bars on gradient backgrounds.
