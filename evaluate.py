@@ -77,24 +77,9 @@ def ssim(x, y, form="paper", data_range=255.0, size=11, sigma=1.5, k1=0.01, k2=0
 # --------------------------------------------------------------------------------------------------------------
 # The FID Inception: TensorFlow's 2015-12-05 graph in torchvision's Inception3 layout (as pytorch-fid ports it)
 # --------------------------------------------------------------------------------------------------------------
-class FIDInceptionA(tv_inception.InceptionA):
-    """The TF graph averages its pool branch without counting the zero padding."""
-
-    def _forward(self, x):
-        out = super()._forward(x)
-        out[-1] = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
-        return out
-
-
-class FIDInceptionC(tv_inception.InceptionC):
-    def _forward(self, x):
-        out = super()._forward(x)
-        out[-1] = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
-        return out
-
-
-class FIDInceptionE(tv_inception.InceptionE):
-    """Mixed_7b averages without the padding; Mixed_7c max-pools its pool branch (a quirk of the TF graph)."""
+class FIDPoolBranch:
+    """The TF graph's pool branches: Mixed_5*, 6* and 7b average without counting the zero padding (torchvision's
+    blocks count it), and Mixed_7c max-pools (a quirk of the graph). Mixed into torchvision's Inception blocks."""
     max_pool = False
 
     def _forward(self, x):
@@ -103,6 +88,18 @@ class FIDInceptionE(tv_inception.InceptionE):
             F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         out[-1] = self.branch_pool(pooled)
         return out
+
+
+class FIDInceptionA(FIDPoolBranch, tv_inception.InceptionA):
+    pass
+
+
+class FIDInceptionC(FIDPoolBranch, tv_inception.InceptionC):
+    pass
+
+
+class FIDInceptionE(FIDPoolBranch, tv_inception.InceptionE):
+    pass
 
 
 def build_fid_inception():

@@ -232,7 +232,8 @@ def parse_flags(description, defaults, presets, helps, argv=None):
             kind = {"precision": dict(choices=["bf16", "fp32"])}.get(name, {})
             value = int if name in ("global_batch_size", "disc_channels") else type(default) if default is not None \
                 else str
-            p.add_argument(flag, type=value, help=f"{text} (default: {default})", **kind)
+            shown = "" if default is None else f" (default: {default})"  # None: the help says what it means
+            p.add_argument(flag, type=value, help=text + shown, **kind)
     return p.parse_args(argv)
 
 
