@@ -494,8 +494,141 @@ def save_reference(args, rank, world, device):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# The scaling sweep (Fig. 3): each metric against E = L*c over tokenizers of different patch size and channels
+# --------------------------------------------------------------------------------------------------------------
+# The metrics a sweep fits and plots where computed, with their axis labels; baseline_psnr (the bilinear codec with the
+# same floats) is only tabulated.
+SWEEP_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID"}
+
+
+def sweep_point(path, ckpt, size, source, results, n):
+    """One row of the sweep table: the bottleneck of a tokenizer checkpoint evaluated at `size` (patch p, tubelet q,
+    channels c, tokens L, E = L*c floats) and its metrics on `source`."""
+    config = ckpt["config"]
+    with torch.device("meta"):  # the shapes only: no memory, no initialisation
+        model = vitok.from_name(config["model"], channels=config["channels"])
+    t, h, w = model.grid((config["num_frames"], size, size))
+    return dict(ckpt=path, model=config["model"], p=model.patch_size, q=model.tubelet_size, c=model.channels,
+                L=t * h * w, E=t * h * w * model.channels, image_size=size, num_frames=config["num_frames"],
+                step=ckpt.get("step"), data=source, num_samples=n, **results)
+
+
+def fit_log_e(E, y):
+    """Least squares y = intercept + slope * log2(E) (the slope is per doubling of E), and R^2 (None when y is
+    constant, where it is undefined). Fig. 3's claim is that R^2 is high whatever the split of E into L and c."""
+    x, y = np.log2(np.asarray(E, dtype=np.float64)), np.asarray(y, dtype=np.float64)
+    (intercept, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+    ss_res, ss_tot = float(((y - intercept - slope * x) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
+    return dict(slope=float(slope), intercept=float(intercept), r2=1 - ss_res / ss_tot if ss_tot > 0 else None,
+                n=len(x))
+
+
+def sweep_fits(points):
+    """Each metric's fit on log2 E over the points that have it. Points at several resolutions (Fig. 4: 256p and
+    512p) are fitted per resolution, keyed "psnr@512"; a single resolution gives plain keys ("psnr")."""
+    groups = {}
+    for pt in points:
+        groups.setdefault((pt["num_frames"], pt["image_size"]), []).append(pt)
+    fits = {}
+    for (T, size), group in sorted(groups.items()):
+        suffix = "" if len(groups) == 1 else f"@{size}" if T == 1 else f"@{T}x{size}"
+        for metric in SWEEP_METRICS:
+            have = [pt for pt in group if pt.get(metric) is not None]
+            if len({pt["E"] for pt in have}) < 2:
+                continue  # a line needs two distinct E
+            fits[metric + suffix] = fit_log_e([pt["E"] for pt in have], [pt[metric] for pt in have])
+    return fits
+
+
+def print_sweep(points, fits):
+    metrics = [m for m in (*SWEEP_METRICS, "baseline_psnr") if any(m in pt for pt in points)]
+    print(f"\n{'checkpoint':<28}{'model':>10}{'p':>4}{'q':>3}{'c':>5}{'L':>7}{'E':>8}{'size':>6}"
+          + "".join(f"{m:>14}" for m in metrics))
+    for pt in sorted(points, key=lambda pt: (pt["num_frames"], pt["image_size"], pt["E"], pt["p"])):
+        name = os.path.basename(pt["ckpt"])
+        size = pt["image_size"] if pt["num_frames"] == 1 else f"{pt['num_frames']}x{pt['image_size']}"
+        print(f"{name[-28:]:<28}{pt['model']:>10}{pt['p']:>4}{pt['q']:>3}{pt['c']:>5}{pt['L']:>7}{pt['E']:>8}"
+              f"{size:>6}" + "".join(f"{pt[m]:>14.4f}" if m in pt else f"{'-':>14}" for m in metrics))
+    print(f"\n{'fit: metric = intercept + slope * log2(E)':<44}{'slope':>10}{'intercept':>12}{'R^2':>8}{'points':>8}")
+    for key, f in fits.items():
+        r2 = f"{f['r2']:.3f}" if f["r2"] is not None else "-"
+        print(f"{key:<44}{f['slope']:>10.4f}{f['intercept']:>12.4f}{r2:>8}{f['n']:>8}")
+
+
+def plot_sweep(path, points, fits):
+    """Fig. 3: one panel per metric, the metric against E on a log axis, one marker shape per patch size, one colour
+    per resolution, and the fitted line. matplotlib is optional: without it, no plot and a message (False)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"plot skipped: {path} needs matplotlib (pip install matplotlib); the table above has the numbers")
+        return False
+    metrics = [m for m in SWEEP_METRICS if any(m in pt for pt in points)]
+    resolutions = sorted({(pt["num_frames"], pt["image_size"]) for pt in points})
+    markers = dict(zip(sorted({pt["p"] for pt in points}), "osD^vP*Xh<>"))
+    colours = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        for k, (T, size) in enumerate(resolutions):
+            res = f"{size}p" if T == 1 else f"{T}x{size}p"
+            colour = colours[k % len(colours)]
+            group = [pt for pt in points if (pt["num_frames"], pt["image_size"]) == (T, size) and metric in pt]
+            for p, marker in markers.items():
+                mine = [pt for pt in group if pt["p"] == p]
+                if mine:
+                    ax.scatter([pt["E"] for pt in mine], [pt[metric] for pt in mine], marker=marker, color=colour,
+                               label=f"p={p}" + (f", {res}" if len(resolutions) > 1 else ""), zorder=3)
+            fit = fits.get(metric + ("" if len(resolutions) == 1 else f"@{size}" if T == 1 else f"@{T}x{size}"))
+            if fit:
+                E = np.geomspace(min(pt["E"] for pt in group), max(pt["E"] for pt in group), 50)
+                r2 = f"{fit['r2']:.2f}" if fit["r2"] is not None else "-"
+                ax.plot(E, fit["intercept"] + fit["slope"] * np.log2(E), color=colour, alpha=0.6,
+                        label=f"fit{' ' + res if len(resolutions) > 1 else ''}: R$^2$ {r2}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("E = L x c (floats in the latent)")
+        ax.set_ylabel(SWEEP_METRICS[metric])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def sweep(args, rank, world, device):
+    """Evaluate every tokenizer of --sweep on the same data, then tabulate, fit, plot (--plot) and save (--json)."""
+    points = []
+    for path in args.sweep:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            kind = ckpt["config"]["kind"]
+        except Exception as err:  # one line naming the file, as for --ckpt
+            fail(f"{path} is not a vitok checkpoint: {type(err).__name__}: {str(err).strip()[:200]}")
+        if kind != "ae":
+            fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} has kind {kind!r}")
+        run = argparse.Namespace(**{**vars(args), "ckpt": path, "data": args.data or ckpt["config"]["data"]})
+        results, n, _, _ = evaluate_tokenizer(run, ckpt, rank, world, device)
+        points.append(sweep_point(path, ckpt, args.image_size or ckpt["config"]["image_size"], run.data, results, n))
+    if rank != 0:
+        return points, None
+    if len({pt["data"] for pt in points}) > 1:
+        print("note: the points were evaluated on different data (no --data: each on its training source)")
+    fits = sweep_fits(points)
+    print_sweep(points, fits)
+    if args.plot and plot_sweep(args.plot, points, fits):
+        print(f"plot: {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"points": points, "fits": fits}, f, indent=2)
+        print(f"json: {args.json}")
+    return points, fits
+
+
 def main(args):
     rank, world, device = setup_distributed()
+    if args.sweep:  # Fig. 3: several tokenizers, one table, fit and plot
+        args.precision = args.precision or "bf16"
+        sweep(args, rank, world, device)
+        return cleanup_distributed()
     if args.ckpt is None:
         save_reference(args, rank, world, device)
         return cleanup_distributed()
@@ -573,6 +706,10 @@ def parse_args(argv=None):
     p.add_argument("--num-ref", type=int, help="DiT/--save-ref: at most this many reference samples")
     p.add_argument("--samples", help="DiT: where to write the samples .npz (default <ckpt>_samples.npz)")
     p.add_argument("--save-ref", help="with --data and no --ckpt: write reference statistics to this .npz")
+    p.add_argument("--sweep", nargs="+", metavar="CKPT", help="tokenizer checkpoints of an E sweep (Fig. 3): one "
+                   "table of p, c, L, E = L*c and the metrics, each metric's least-squares fit on log2 E and its R^2")
+    p.add_argument("--plot", metavar="PNG", help="--sweep: each metric against E on a log axis, one marker per patch "
+                                                 "size, with the fit (needs matplotlib)")
     return p.parse_args(argv)
 
 
