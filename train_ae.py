@@ -112,6 +112,7 @@ def lr_at(step, total, peak, warmup, final):
 
 def main(args):
     config = resolve(args)
+    # Joins the ranks, finds a checkpoint to resume from, seeds the initial weights (the same on every rank).
     run = Run(config)
     device, stage, gb, seed = run.device, config["stage"], config["global_batch_size"], config["seed"]
 
@@ -119,6 +120,7 @@ def main(args):
     lpips_precision = config["precision"] if device.type == "cuda" else "fp32"  # its VGG trunk in bf16 on GPU
     lpips = losses.LPIPS(precision=lpips_precision).to(device) if config["lpips_weight"] > 0 else None
     model = vitok.from_name(config["model"], channels=config["channels"], grad_ckpt=config["grad_ckpt"]).to(device)
+    # Stage 2's discriminator sees single frames: a video tokenizer is judged frame by frame (§3.2).
     disc = losses.Discriminator(config["image_size"], config["disc_channels"]).to(device) if stage == 2 else None
     if stage == 2 and run.state is None:
         model.load_state_dict(stage1_weights(config))
@@ -152,6 +154,7 @@ def main(args):
     loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed, start_step=run.start,
                                   num_workers=config["workers"])
     x_vis = torch.stack([dataset[i][0] for i in range(8)]).to(device)  # fixed samples for the reconstruction grids
+    # The posterior noise is drawn for the whole global batch, so that a run is the same for any number of ranks.
     t, h, w = model.grid((config["num_frames"], config["image_size"], config["image_size"]))
     noise_shape = (gb, t * h * w, config["channels"])  # the global batch's posterior noise [B,L,c]
     run.say(f"{config['model']} c={config['channels']}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
@@ -159,8 +162,9 @@ def main(args):
             f"rank(s), batch {run.batch}/rank, stage {stage}, steps {run.start}->{config['steps']}")
 
     for step in range(run.start, config["steps"]):
-        x, _ = next(loader)
+        x, _ = next(loader)  # labels are not used: the tokenizer is unconditional
         x = x.to(device, non_blocking=True)
+        # The schedule is a function of the step alone, so a resumed run continues it where it stopped.
         lr = lr_at(step, config["steps"], config["lr"] * gb / 256, config["warmup"], config["final_lr"])
         for group in opt.param_groups:
             group["lr"] = lr
@@ -169,7 +173,8 @@ def main(args):
 
         # The tokenizer's step, Eq. 1: L = MSE + beta KL + eta LPIPS + lambda GAN.
         with autocast(device, config["precision"]):
-            x_hat, posterior = model_ddp(x, noise)
+            x_hat, posterior = model_ddp(x, noise)  # a posterior sample is decoded during training (§3.1)
+        # Losses in fp32 whatever the autocast: MSE and KL are means, so they do not depend on the batch split.
         terms = {"mse": losses.mse_loss(x_hat, x), "kl": posterior.kl().mean()}
         loss = terms["mse"] + config["beta"] * terms["kl"]
         if lpips is not None:
@@ -197,6 +202,7 @@ def main(args):
             terms["d_loss"].backward()  # not clipped: neither the paper nor StyleGAN2 clips D
             d_opt.step()
 
+        # Logged as device tensors; Run reads them once per log interval (no host sync in the step).
         terms.update(loss=loss.detach(), psnr=10 * torch.log10(4.0 / terms["mse"].detach()))  # range 2 in [-1,1]
         run.end_step(step, terms, stateful, lr=lr)
         if run.due(step, "sample_every") and run.rank == 0:

@@ -89,6 +89,7 @@ def resolve(args):
 
 def main(args):
     config, ae = resolve(args)
+    # Joins the ranks, finds a checkpoint to resume from, seeds the initial weights (the same on every rank).
     run = Run(config)
     device, gb, seed = run.device, config["global_batch_size"], config["seed"]
 
@@ -97,7 +98,7 @@ def main(args):
     # Centre crops (train=False) as DiT; the step below flips half of them, in pixels or by picking the mirror.
     images = data.build_dataset(config["data"], config["image_size"], config["num_frames"], train=False,
                                 frame_stride=config["frame_stride"], split_file=config["split_file"])
-    if config["latent_cache"]:
+    if config["latent_cache"]:  # encode once, train many epochs: the tokenizer's cost leaves the training loop
         if not os.path.exists(os.path.join(config["latent_cache"], "meta.json")):
             write_latent_cache(config["latent_cache"], ae, images, config, run)
         dataset = LatentCache(config["latent_cache"])
@@ -114,7 +115,8 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=config["betas"],
                             weight_decay=config["weight_decay"], fused=device.type == "cuda")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    stateful = dict(model=model, ema=ema, opt=opt)
+    stateful = dict(model=model, ema=ema, opt=opt)  # what a checkpoint holds, by its key
+    # A checkpoint of another DiT, tokenizer grid or label set is refused rather than half-loaded.
     run.resume(stateful, same=("kind", "model", "channels", "grid", "num_classes"))
     model_ddp = run.ddp(run.compile(model))
 
@@ -127,7 +129,7 @@ def main(args):
             f"{run.batch}/rank, steps {run.start}->{config['steps']}")
 
     for step in range(run.start, config["steps"]):
-        x, y = next(loader)
+        x, y = next(loader)  # pixels [B,3,(T,)H,W], or cached moments [B,2,L,2c]; labels -1 when unlabelled
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # Every random number of the step is drawn for the global batch from one (seed, step) generator; this rank
         # takes the rows of its samples (data.infinite_loader interleaves them the same way).
@@ -139,7 +141,7 @@ def main(args):
         y = dit.drop_labels(y, config["num_classes"], torch.rand(gb, generator=gen, device=device)[mine],
                             config["class_dropout"])
 
-        with torch.no_grad():
+        with torch.no_grad():  # the tokenizer is frozen: no graph through it
             if config["latent_cache"]:  # x holds the moments of the image and its mirror [B,2,L,2c]
                 posterior = vitok.DiagonalGaussian(x[torch.arange(len(x), device=device), flip.long()])
             else:
@@ -152,6 +154,7 @@ def main(args):
             terms = dit.training_losses(model_ddp, z, y, t, diffusion_noise)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        # Not clipped by default (DiT does not clip): an infinite max norm only measures it, without a host sync.
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] or float("inf"))
         opt.step()
         update_ema(ema, model, ema_decay(step, config))  # the EMA is what evaluate.py samples from

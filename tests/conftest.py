@@ -21,5 +21,20 @@ def ae_ckpt(tmp_path_factory):
     return path
 
 
+def kill_at_step(monkeypatch, script, step):
+    """Make `script` (train_ae or train_dit) die like a killed process in the EMA update of 0-based step `step`,
+    after that step's optimizer update and before its checkpoint; undo() restores it for the resumed run."""
+    real, calls = script.update_ema, {"n": 0}
+
+    def update_ema(*args):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            raise KeyboardInterrupt("simulated kill")
+        real(*args)
+
+    monkeypatch.setattr(script, "update_ema", update_ema)
+    return lambda: monkeypatch.setattr(script, "update_ema", real)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: over ~30 s on 2 CPU cores (deselect with -m 'not slow')")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import kill_at_step
 import losses
 import train_ae
 import vitok
@@ -70,20 +71,11 @@ def test_checkpoint_is_plain_and_loads_as_a_tokenizer(tmp_path):
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
     full = run(tmp_path, "--steps", 6, "--ckpt-every", 3, name="full.pt")
-    calls = {"n": 0}
-    real_update = train_ae.update_ema
-
-    def crash_at_step_4(*args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated kill")
-        real_update(*args)
-
-    monkeypatch.setattr(train_ae, "update_ema", crash_at_step_4)
+    undo = kill_at_step(monkeypatch, train_ae, 4)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "--steps", 6, "--ckpt-every", 3, name="resumed.pt")
     assert torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 3  # the interval checkpoint survived
-    monkeypatch.setattr(train_ae, "update_ema", real_update)
+    undo()
     resumed = run(tmp_path, "--steps", 6, "--ckpt-every", 3, name="resumed.pt")
     assert resumed["step"] == 6
     for key in ("model", "ema"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import kill_at_step
 import data
 import evaluate
 import train_dit
@@ -31,19 +32,10 @@ def test_tiny_chain_writes_a_dit_checkpoint_with_its_latent_grid(tmp_path, ae_ck
 
 def test_killed_and_resumed_run_matches(tmp_path, ae_ckpt, monkeypatch):
     full = run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="full.pt")
-    real = train_dit.update_ema
-    calls = {"n": 0}
-
-    def crash(*args):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-        real(*args)
-
-    monkeypatch.setattr(train_dit, "update_ema", crash)
+    undo = kill_at_step(monkeypatch, train_dit, 3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="resumed.pt")
-    monkeypatch.setattr(train_dit, "update_ema", real)
+    undo()
     resumed = run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="resumed.pt")
     for key in ("model", "ema"):
         torch.testing.assert_close(resumed[key], full[key], rtol=1e-5, atol=1e-6)
