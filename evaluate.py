@@ -605,7 +605,8 @@ def sweep(args, rank, world, device):
             fail(f"{path} is not a vitok checkpoint: {type(err).__name__}: {str(err).strip()[:200]}")
         if kind != "ae":
             fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} has kind {kind!r}")
-        run = argparse.Namespace(**{**vars(args), "ckpt": path, "data": args.data or ckpt["config"]["data"]})
+        run = argparse.Namespace(**{**vars(args), "ckpt": path, "data": args.data or ckpt["config"]["data"],
+                                    "frame_stride": args.frame_stride or ckpt["config"].get("frame_stride", 3)})
         results, n, _, _ = evaluate_tokenizer(run, ckpt, rank, world, device)
         points.append(sweep_point(path, ckpt, args.image_size or ckpt["config"]["image_size"], run.data, results, n))
     if rank != 0:
@@ -630,6 +631,7 @@ def main(args):
         sweep(args, rank, world, device)
         return cleanup_distributed()
     if args.ckpt is None:
+        args.frame_stride = args.frame_stride or 3
         save_reference(args, rank, world, device)
         return cleanup_distributed()
     if not os.path.exists(args.ckpt):
@@ -640,6 +642,7 @@ def main(args):
     except Exception as err:  # any unreadable or foreign file: one line naming it
         fail(f"{args.ckpt} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "
              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    args.frame_stride = args.frame_stride or ckpt["config"].get("frame_stride", 3)  # the clips it was trained on
     # bf16 for tokenizers (the paper found bf16 and fp32 equal, App. A); fp32 for DiT sampling, as DiT's sampler
     args.precision = args.precision or ("fp32" if kind == "dit" else "bf16")
     protocol = {"precision": args.precision, **({"video_fid": args.video_fid} if video else {})}
@@ -684,8 +687,8 @@ def parse_args(argv=None):
     p.add_argument("--grid", help="PNG of originals/reconstructions or samples (default next to --json or --ckpt)")
     p.add_argument("--image-size", type=int, help="evaluate at this resolution (default: the checkpoint's)")
     p.add_argument("--num-frames", type=int, default=1, help="--save-ref only: clip length of the reference data")
-    p.add_argument("--frame-stride", type=int, default=3, help="clips: every n-th frame (3: 8 fps on UCF-101's 25, "
-                                                                "as the paper)")
+    p.add_argument("--frame-stride", type=int, help="clips: every n-th frame (default: the checkpoint's; 3 for "
+                                                    "--save-ref: 8 fps on UCF-101's 25, as the paper)")
     p.add_argument("--split-file", help="keep the files this list names (UCF-101: testlist01.txt, or testlist01)")
     p.add_argument("--ssim", choices=["paper", "valid"], default="paper",
                    help="paper: reflect-padded, every pixel (torchmetrics, the paper's code); valid: Wang's reference")

@@ -110,7 +110,8 @@ class ResBlock(nn.Module):
 
 
 def disc_channels(image_size, max_channels=512):
-    """StyleGAN2's width at full resolution: 16384 / size, at most 512 (32 at 512^2, 64 at 256^2, 128 at 128^2),
+    """The discriminator's width at full resolution, as the official ViTok code: 16384 / size (StyleGAN2's formula
+    with half its channel base), at most 512 (32 at 512^2, 64 at 256^2, 128 at 128^2),
     as the official ViTok code sets it."""
     return min(16384 // image_size, max_channels)
 

@@ -35,7 +35,7 @@ DEFAULTS = dict(
     betas=(0.9, 0.95), weight_decay=1e-4, grad_clip=1.0,
     beta=1e-3, lpips_weight=1.0,  # Eq. 1: the KL weight beta and the LPIPS weight eta
     gan_weight=0.05, gan_ramp=25_000,  # lambda (the appendix's ablation; the main text says 1.0), ramped in
-    disc_lr=2e-5, disc_channels=None,  # None: StyleGAN2's width for the resolution (64 at 256^2)
+    disc_lr=2e-5, disc_channels=None,  # None: by resolution, as the official code (64 at 256^2)
     ema=0.9999, ema_warmup=10,  # decay min(ema, (1 + step) / (ema_warmup + step)); 0 turns the warm-up off
     precision="bf16", compile=False, grad_ckpt=False, workers=8, seed=0,
     log_every=100, ckpt_every=2_000, sample_every=5_000,
@@ -60,7 +60,7 @@ HELP = {
     "gan_weight": "stage 2: adversarial weight lambda",
     "gan_ramp": "stage 2: steps over which lambda ramps up from 0",
     "disc_lr": "discriminator learning rate for a global batch of 256",
-    "disc_channels": "discriminator width at full resolution (None: by resolution, as StyleGAN2)",
+    "disc_channels": "discriminator width at full resolution (None: by resolution, 64 at 256^2)",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clipping of the tokenizer",
     "ema": "EMA decay",
@@ -71,16 +71,16 @@ HELP = {
     "seed": "seed of weights, data order and noise",
     "log_every": "steps per log line", "ckpt_every": "steps per checkpoint", "sample_every": "steps per grid",
 }
+# CPU demo: a tiny model with 16x16 patches on synthetic 64x64 images (16 tokens of 16 channels), about four minutes
+# on 2 cores. No LPIPS (it needs the VGG16 weights); a narrow discriminator for the stage-2 demo.
+TINY = dict(model="T-T/16", data="synthetic", image_size=64, global_batch_size=32, steps=1000, lr=24e-3,
+            lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3, ema=0.999, precision="fp32", workers=2,
+            log_every=50, ckpt_every=300, sample_every=600)
 PRESETS = {
-    # CPU demo: a tiny model with 16x16 patches on synthetic 64x64 images (16 tokens of 16 channels), about four
-    # minutes on 2 cores. No LPIPS (it needs the VGG16 weights); a narrow discriminator for the stage-2 demo.
-    "tiny": dict(model="T-T/16", data="synthetic", image_size=64, global_batch_size=32, steps=1000, lr=24e-3,
-                 lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3, ema=0.999, precision="fp32",
-                 workers=2, log_every=50, ckpt_every=300, sample_every=600),
+    "tiny": TINY,
     # The same for 4-frame 32x32 synthetic clips with 2x8x8 tubelets.
-    "tiny-video": dict(model="T-T/2x8", data="synthetic", image_size=32, num_frames=4, global_batch_size=16, steps=1000, lr=24e-3, lpips_weight=0.0, gan_ramp=200, disc_channels=16,
-                       disc_lr=2e-3, ema=0.999, precision="fp32", workers=2, log_every=50, ckpt_every=300,
-                       sample_every=600),
+    "tiny-video": {**TINY, "model": "T-T/2x8", "data": "synthetic", "image_size": 32, "num_frames": 4,
+                   "global_batch_size": 16},
 }
 
 
@@ -328,7 +328,8 @@ class Run:
     def end_step(self, step, terms, stateful, **scalars):
         """Record the step's loss terms (device tensors: no host sync); when due, log their means over the interval
         and the ranks, and write the checkpoint. Both first check that no loss so far was non-finite."""
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(terms["loss"]), step, self.first_bad)
+        finite = torch.stack([v.detach().float() for v in terms.values()]).isfinite().all()  # D's loss too
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
         self.history.append({k: v.detach() for k, v in terms.items()})
         if self.due(step, "log_every"):
             self.check_finite()

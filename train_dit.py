@@ -24,7 +24,7 @@ from data import autocast, save_grid, step_generator
 from train_ae import Run, ema_decay, load_checkpoint, merge, parse_flags, update_ema
 
 DEFAULTS = dict(
-    model="DiT-L", ae_ckpt=None, data=None, frame_stride=3, split_file=None, global_batch_size=256, steps=500_000,
+    model="DiT-L", ae_ckpt=None, data=None, frame_stride=None, split_file=None, global_batch_size=256, steps=500_000,
     ckpt="dit.pt", out_dir=None,
     lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,  # DiT: AdamW's defaults, constant lr, no decay
     grad_clip=0.0,  # 0: off, as DiT (the gradient norm is still logged)
@@ -36,7 +36,7 @@ HELP = {
     "model": "DiT-B, DiT-L, DiT-XL or DiT-tiny",
     "ae_ckpt": "the tokenizer checkpoint written by train_ae.py (its EMA weights are used, frozen)",
     "data": "dataset folder, 'synthetic' or 'deadleaves'",
-    "frame_stride": "video: keep every n-th frame",
+    "frame_stride": "video: keep every n-th frame (None: the tokenizer's)",
     "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",
     "global_batch_size": "latents per step over all ranks",
     "steps": "optimizer steps",
@@ -81,6 +81,8 @@ def resolve(args):
     ae_config = ae_state["config"]
     config.update(ae_model=ae_config["model"], channels=ae.channels, image_size=ae_config["image_size"],
                   num_frames=ae_config["num_frames"])
+    if config["frame_stride"] is None:  # the DiT learns the clips the tokenizer was trained on: same frame rate
+        config["frame_stride"] = ae_config.get("frame_stride", 3)
     config["grid"] = list(ae.grid((config["num_frames"], config["image_size"], config["image_size"])))
     if config["out_dir"] is None:
         config["out_dir"] = os.path.splitext(config["ckpt"])[0] + "-logs"
@@ -101,7 +103,7 @@ def main(args):
     if config["latent_cache"]:  # encode once, train many epochs: the tokenizer's cost leaves the training loop
         if not os.path.exists(os.path.join(config["latent_cache"], "meta.json")):
             write_latent_cache(config["latent_cache"], ae, images, config, run)
-        dataset = LatentCache(config["latent_cache"])
+        dataset = LatentCache(config["latent_cache"], config)
     else:
         dataset = images
     config["num_classes"] = dataset.num_classes  # label num_classes is the null class
@@ -166,16 +168,23 @@ def main(args):
     run.finish()
 
 
+CACHE_KEYS = ("ae_ckpt", "data", "image_size", "num_frames", "frame_stride", "split_file")  # what a cache is of
+
+
 class LatentCache(torch.utils.data.Dataset):
     """The posterior moments (mean, logvar) of every image and of its mirror image, [N,2,L,2c] in fp16, and the
     labels, as .npy files under DIR (memory-mapped). A sample is its two moment tensors [2,L,2c]: the training step
     picks one with the same per-step flip that the on-the-fly path applies to the pixels."""
 
-    def __init__(self, root):
+    def __init__(self, root, config):
         meta = json.load(open(os.path.join(root, "meta.json")))
         if not meta.get("complete") or meta.get("mirrored") is not True:
             raise SystemExit(f"train_dit.py: latent cache {root} is incomplete or from an older version; delete it "
                              f"and rerun to rewrite it")
+        for key in CACHE_KEYS:
+            if meta.get(key) != config[key]:  # latents of another tokenizer or data set: refuse, never reuse
+                raise SystemExit(f"train_dit.py: latent cache {root} holds {key} {meta.get(key)!r}, this run's is "
+                                 f"{config[key]!r}; pass another --latent-cache (or delete it to rewrite it)")
         self.meta, self.num_classes = meta, meta["num_classes"]
         self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")  # [N,2,L,2c] fp16
         self.labels = np.load(os.path.join(root, "labels.npy"))
@@ -221,8 +230,8 @@ def write_latent_cache(root, ae, dataset, config, run):
         dist.barrier()
     if run.rank == 0:
         np.save(os.path.join(root, "labels.npy"), labels)
-        meta = dict(ae_ckpt=config["ae_ckpt"], data=config["data"], image_size=config["image_size"],
-                    num_frames=config["num_frames"], num_classes=dataset.num_classes, mirrored=True, complete=True)
+        meta = {key: config[key] for key in CACHE_KEYS}
+        meta.update(num_classes=dataset.num_classes, mirrored=True, complete=True)
         json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
     if run.world > 1:
         dist.barrier()

@@ -49,7 +49,7 @@ def rope_table(grid, head_dim, device, theta=10000.0):
     first pairs belong to t, then h, then w. Scores q.k then depend only on the offsets along each axis.
     """
     key = (tuple(grid), head_dim, theta, str(device))
-    if key not in _ROPE_CACHE or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or key not in _ROPE_CACHE:  # this order: no guard on the dict
         # Under torch.compile the table is built inside the graph: a guard on this dict would recompile the model
         # once after the first call has filled it.
         angles = []
@@ -269,7 +269,7 @@ def frames_to_batch(x):
 
 
 def from_name(name, channels=16, **overrides):
-    """Build a tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny" (= "T-T/8").
+    """Build a tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny" (= "T-T/16").
     overrides go to ViTok (e.g. grad_ckpt=True)."""
     match = re.fullmatch(r"([TSBL])-([TSBL])/(?:(\d+)x)?(\d+)", ALIASES.get(name, name))
     if match is None:

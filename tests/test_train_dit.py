@@ -47,7 +47,10 @@ def test_latent_cache_holds_the_posterior_moments(tmp_path, ae_ckpt):
     with pytest.raises(SystemExit, match="incomplete or from an older version"):  # a cache without mirrors is refused
         meta = json.load(open(cache / "meta.json"))
         json.dump({**meta, "mirrored": False}, open(cache / "meta.json", "w"))
-        train_dit.LatentCache(cache)
+        train_dit.LatentCache(cache, meta)
+    json.dump({**meta, "mirrored": True}, open(cache / "meta.json", "w"))
+    with pytest.raises(SystemExit, match="holds image_size 32, this run's is 64"):  # latents of other data: refused
+        train_dit.LatentCache(cache, {**meta, "image_size": 64})
     moments = np.load(cache / "moments.npy")
     labels = np.load(cache / "labels.npy")
     assert moments.shape == (1000, 2, 16, 8) and labels[:12].tolist() == [i % 10 for i in range(12)]
