@@ -15,7 +15,8 @@ import vitok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny, fast run: 32x32 synthetic images, batch 8, no data-loader workers.
-FAST = ["--preset", "tiny", "--image-size", "32", "--global-batch-size", "8", "--workers", "0", "--log-every", "1"]
+FAST = ["--preset", "tiny", "--data", "synthetic", "--image-size", "32", "--global-batch-size", "8", "--workers", "0",
+        "--log-every", "1"]
 
 
 def run(tmp_path, *extra, name="ae.pt"):
@@ -41,7 +42,7 @@ def test_lr_schedule_warms_up_then_decays_to_final():
 
 def test_presets_only_override_and_flags_win():
     config = train_ae.resolve(train_ae.parse_args(["--preset", "tiny", "--steps", "7"]))
-    assert (config["model"], config["steps"], config["data"], config["lpips_weight"]) == ("T-T/16", 7, "synthetic", 0.0)
+    assert (config["model"], config["steps"], config["data"], config["lpips_weight"]) == ("T-T/16", 7, "deadleaves", 0.0)
     assert config["beta"] == 1e-3 and config["kind"] == "ae" and config["ckpt"] == "ae.pt"
     assert vitok.ALIASES["tiny"] == config["model"]  # one meaning of "tiny"
     paper = train_ae.resolve(train_ae.parse_args(["--data", "x", "--num-frames", "16", "--stage", "2"]))
