@@ -541,7 +541,26 @@ def sweep_fits(points):
     return fits
 
 
-def print_sweep(points, fits):
+def sweep_spreads(points):
+    """Fig. 3's other half: points of equal E but a different split (p, c) should score alike. For each resolution and
+    each E reached by two or more splits: the splits and each metric's spread (largest minus smallest)."""
+    groups = {}
+    for pt in points:
+        groups.setdefault((pt["num_frames"], pt["image_size"], pt["E"]), []).append(pt)
+    spreads = []
+    for (T, size, E), group in sorted(groups.items()):
+        if len({(pt["q"], pt["p"], pt["c"]) for pt in group}) < 2:
+            continue
+        row = dict(num_frames=T, image_size=size, E=E, splits=[[pt["p"], pt["c"]] for pt in group])
+        for metric in (*SWEEP_METRICS, "baseline_psnr"):
+            values = [pt[metric] for pt in group if pt.get(metric) is not None]
+            if len(values) > 1:
+                row[metric] = max(values) - min(values)
+        spreads.append(row)
+    return spreads
+
+
+def print_sweep(points, fits, spreads):
     metrics = [m for m in (*SWEEP_METRICS, "baseline_psnr") if any(m in pt for pt in points)]
     print(f"\n{'checkpoint':<28}{'model':>10}{'p':>4}{'q':>3}{'c':>5}{'L':>7}{'E':>8}{'size':>6}"
           + "".join(f"{m:>14}" for m in metrics))
@@ -554,6 +573,11 @@ def print_sweep(points, fits):
     for key, f in fits.items():
         r2 = f"{f['r2']:.3f}" if f["r2"] is not None else "-"
         print(f"{key:<44}{f['slope']:>10.4f}{f['intercept']:>12.4f}{r2:>8}{f['n']:>8}")
+    for row in spreads:
+        size = row["image_size"] if row["num_frames"] == 1 else f"{row['num_frames']}x{row['image_size']}"
+        splits = ", ".join(f"p={p} c={c}" for p, c in row["splits"])
+        print(f"equal E = {row['E']} at {size}: spread (max - min) "
+              + " ".join(f"{m} {row[m]:.4f}" for m in SWEEP_METRICS if m in row) + f" over {splits}")
 
 
 def plot_sweep(path, points, fits):
@@ -613,13 +637,13 @@ def sweep(args, rank, world, device):
         return points, None
     if len({pt["data"] for pt in points}) > 1:
         print("note: the points were evaluated on different data (no --data: each on its training source)")
-    fits = sweep_fits(points)
-    print_sweep(points, fits)
+    fits, spreads = sweep_fits(points), sweep_spreads(points)
+    print_sweep(points, fits, spreads)
     if args.plot and plot_sweep(args.plot, points, fits):
         print(f"plot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"points": points, "fits": fits}, f, indent=2)
+            json.dump({"points": points, "fits": fits, "spreads": spreads}, f, indent=2)
         print(f"json: {args.json}")
     return points, fits
 
@@ -710,7 +734,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", help="DiT: where to write the samples .npz (default <ckpt>_samples.npz)")
     p.add_argument("--save-ref", help="with --data and no --ckpt: write reference statistics to this .npz")
     p.add_argument("--sweep", nargs="+", metavar="CKPT", help="tokenizer checkpoints of an E sweep (Fig. 3): one "
-                   "table of p, c, L, E = L*c and the metrics, each metric's least-squares fit on log2 E and its R^2")
+                   "table of p, c, L, E = L*c and the metrics, each metric's least-squares fit on log2 E and its "
+                   "R^2, and its spread over the splits of one E")
     p.add_argument("--plot", metavar="PNG", help="--sweep: each metric against E on a log axis, one marker per patch "
                                                  "size, with the fit (needs matplotlib)")
     return p.parse_args(argv)

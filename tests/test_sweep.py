@@ -1,5 +1,6 @@
 """evaluate.py --sweep (Fig. 3): three toy tokenizers of different patch size and channels -> the table, the JSON, the
-least-squares fits on log2 E (against numpy's polyfit and scipy's linregress) and the plot."""
+least-squares fits on log2 E (against numpy's polyfit and scipy's linregress), the spread of equal-E points and the
+plot."""
 import json
 import sys
 
@@ -56,7 +57,13 @@ def test_sweep_table_json_fit_and_plot(toys, tmp_path, capsys):
         assert fit["intercept"] == pytest.approx(intercept, rel=1e-9, abs=1e-12)
         assert fit["r2"] == pytest.approx(stats.linregress(x, y).rvalue ** 2, rel=1e-9, abs=1e-12)
         assert fit["n"] == 3
+    # Fig. 3's other half: the two splits of E = 64 and how far apart they score.
+    (spread,) = report["spreads"]
+    assert (spread["E"], spread["image_size"], spread["splits"]) == (64, 32, [[4, 1], [8, 4]])
+    for metric in ("psnr", "ssim", "baseline_psnr"):
+        assert spread[metric] == pytest.approx(abs(points[0][metric] - points[1][metric]), abs=1e-12)
     shown = capsys.readouterr().out
+    assert f"equal E = 64 at 32: spread (max - min) psnr {spread['psnr']:.4f}" in shown
     assert all(p.name in shown for p in toys) and "R^2" in shown and f"{report['fits']['psnr']['slope']:.4f}" in shown
     # A point's metrics are those of a single --ckpt evaluation of the same checkpoint.
     single = tmp_path / "single.json"
@@ -88,6 +95,14 @@ def test_fits_per_resolution_and_their_edge_cases(tmp_path):
     assert fits["psnr@512"]["intercept"] == pytest.approx(6.0) and fits["psnr@512"]["r2"] == pytest.approx(1.0)
     assert fits["ssim@256"]["r2"] is None and fits["ssim@256"]["slope"] == pytest.approx(0.0, abs=1e-12)
     assert set(evaluate.sweep_fits(points[:4])) == {"psnr", "ssim"}  # one resolution: plain keys
+    # Equal E is grouped per resolution (E = 4096 at 256p, 16384 at 512p, each with three splits); E = 16384 at 256p
+    # has one split only.
+    points[3]["psnr"] += 0.75
+    spreads = evaluate.sweep_spreads(points)
+    splits = [[8, 4], [16, 16], [32, 64]]
+    assert [(s["image_size"], s["E"], s["splits"]) for s in spreads] == [(256, 4096, splits), (512, 16384, splits)]
+    assert spreads[0]["psnr"] == pytest.approx(0.75) and spreads[1]["psnr"] == pytest.approx(0, abs=1e-12)
+    assert spreads[0]["ssim"] == 0 and "rfid" not in spreads[0]
     noisy = evaluate.fit_log_e([64, 128, 256, 512], [1.0, 3.0, 2.0, 5.0])
     assert 0 < noisy["r2"] < 1
     pytest.importorskip("matplotlib")
