@@ -297,6 +297,22 @@ def fail(message):
     sys.exit(2)
 
 
+def read_checkpoint(path):
+    """The dict of a train_ae.py or train_dit.py checkpoint, read once (the model is built from it, not read again);
+    a missing, unreadable or foreign file fails with one line naming it."""
+    if not os.path.exists(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        kind = ckpt["config"]["kind"]
+    except Exception as err:
+        fail(f"{path} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "
+             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    if kind not in ("ae", "dit"):
+        fail(f"{path} has kind {kind!r}; expected 'ae' (train_ae.py) or 'dit' (train_dit.py)")
+    return ckpt
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer: reconstructions from the posterior mean
 # --------------------------------------------------------------------------------------------------------------
@@ -494,7 +510,6 @@ def save_reference(args, rank, world, device):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------------------
 # The scaling sweep (Fig. 3): each metric against E = L*c over tokenizers of different patch size and channels
 # --------------------------------------------------------------------------------------------------------------
 # The metrics a sweep fits and plots where computed, with their axis labels; baseline_psnr (the bilinear codec with the
@@ -620,15 +635,14 @@ def plot_sweep(path, points, fits):
 
 def sweep(args, rank, world, device):
     """Evaluate every tokenizer of --sweep on the same data, then tabulate, fit, plot (--plot) and save (--json)."""
+    missing = [path for path in args.sweep if not os.path.exists(path)]
+    if missing:  # before hours of evaluation, not after
+        fail("; ".join(f"checkpoint {path} does not exist" for path in missing))
     points = []
     for path in args.sweep:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            kind = ckpt["config"]["kind"]
-        except Exception as err:  # one line naming the file, as for --ckpt
-            fail(f"{path} is not a vitok checkpoint: {type(err).__name__}: {str(err).strip()[:200]}")
-        if kind != "ae":
-            fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} has kind {kind!r}")
+        ckpt = read_checkpoint(path)
+        if ckpt["config"]["kind"] != "ae":
+            fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} is a {ckpt['config']['kind']} checkpoint")
         run = argparse.Namespace(**{**vars(args), "ckpt": path, "data": args.data or ckpt["config"]["data"],
                                     "frame_stride": args.frame_stride or ckpt["config"].get("frame_stride", 3)})
         results, n, _, _ = evaluate_tokenizer(run, ckpt, rank, world, device)
@@ -658,14 +672,8 @@ def main(args):
         args.frame_stride = args.frame_stride or 3
         save_reference(args, rank, world, device)
         return cleanup_distributed()
-    if not os.path.exists(args.ckpt):
-        fail(f"checkpoint {args.ckpt} does not exist")
-    try:  # read once: the evaluation takes the model from this dict
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        kind, video = ckpt["config"]["kind"], ckpt["config"]["num_frames"] > 1
-    except Exception as err:  # any unreadable or foreign file: one line naming it
-        fail(f"{args.ckpt} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "
-             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    ckpt = read_checkpoint(args.ckpt)
+    kind, video = ckpt["config"]["kind"], ckpt["config"]["num_frames"] > 1
     args.frame_stride = args.frame_stride or ckpt["config"].get("frame_stride", 3)  # the clips it was trained on
     # bf16 for tokenizers (the paper found bf16 and fp32 equal, App. A); fp32 for DiT sampling, as DiT's sampler
     args.precision = args.precision or ("fp32" if kind == "dit" else "bf16")
@@ -677,11 +685,9 @@ def main(args):
                 print(f"no --data: evaluating on the training source {args.data} (pass --data for held-out images)")
         results, n, used, shown = evaluate_tokenizer(args, ckpt, rank, world, device)
         protocol["ssim_form"] = args.ssim
-    elif kind == "dit":
+    else:
         results, n, used, shown = evaluate_generator(args, ckpt, rank, world, device)
         protocol["labels"] = "balanced" if args.balanced_labels else "random"
-    else:
-        fail(f"{args.ckpt} has kind {kind!r}; expected 'ae' or 'dit'")
     if rank == 0:
         print(f"\n{'metric':<14}{'value':>12}")
         for k, v in results.items():

@@ -118,4 +118,10 @@ def test_plot_is_optional_and_bad_inputs_fail(toys, tmp_path, monkeypatch, capsy
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         run("--sweep", toys[0], junk, *FAST)
-    assert exit_info.value.code == 2 and "junk.pt" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "junk.pt is not a vitok checkpoint" in capsys.readouterr().err
+    dit_like = tmp_path / "dit.pt"
+    torch.save({"config": {"kind": "dit"}}, dit_like)
+    for bad, why in ((dit_like, "dit.pt is a dit checkpoint"), (tmp_path / "gone.pt", "gone.pt does not exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            run("--sweep", toys[0], bad, *FAST)
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err
