@@ -60,8 +60,9 @@ def test_sweep_table_json_fit_and_plot(toys, tmp_path, capsys):
     # Fig. 3's other half: the two splits of E = 64 and how far apart they score.
     (spread,) = report["spreads"]
     assert (spread["E"], spread["image_size"], spread["splits"]) == (64, 32, [[4, 1], [8, 4]])
-    for metric in ("psnr", "ssim", "baseline_psnr"):
+    for metric in ("psnr", "ssim"):
         assert spread[metric] == pytest.approx(abs(points[0][metric] - points[1][metric]), abs=1e-12)
+    assert "baseline_psnr" not in spread and points[0]["baseline_psnr"] == points[1]["baseline_psnr"]  # E alone
     shown = capsys.readouterr().out
     assert f"equal E = 64 at 32: spread (max - min) psnr {spread['psnr']:.4f}" in shown
     assert all(p.name in shown for p in toys) and "R^2" in shown and f"{report['fits']['psnr']['slope']:.4f}" in shown
