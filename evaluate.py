@@ -297,14 +297,14 @@ def fail(message):
     sys.exit(2)
 
 
-def read_checkpoint(path):
-    """The dict of a train_ae.py or train_dit.py checkpoint, read once (the model is built from it, not read again);
-    a missing, unreadable or foreign file fails with one line naming it."""
+def read_checkpoint(path, mmap=False):
+    """The dict of a train_ae.py or train_dit.py checkpoint, read once (the model is built from it, not read again;
+    mmap: tensors are read only when used); a missing, unreadable or foreign file fails with one line naming it."""
     if not os.path.exists(path):
         fail(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        kind = ckpt["config"]["kind"]
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        kind, _ = ckpt["config"]["kind"], ckpt["config"]["num_frames"]
     except Exception as err:
         fail(f"{path} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "
              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
@@ -558,19 +558,22 @@ def sweep_fits(points):
 
 def sweep_spreads(points):
     """Fig. 3's other half: points of equal E but a different split (p, c) should score alike. For each resolution and
-    each E reached by two or more splits: the splits and each metric's spread (largest minus smallest)."""
-    groups = {}
+    each E reached by two or more splits: the splits and each metric's spread (largest minus smallest) over them, a
+    split that has several checkpoints (seeds) counting with their mean. (p, c) fixes q, given E and the frames."""
+    groups = {}  # (frames, size, E) -> (p, c) -> points
     for pt in points:
-        groups.setdefault((pt["num_frames"], pt["image_size"], pt["E"]), []).append(pt)
+        key = (pt["num_frames"], pt["image_size"], pt["E"])
+        groups.setdefault(key, {}).setdefault((pt["p"], pt["c"]), []).append(pt)
     spreads = []
-    for (T, size, E), group in sorted(groups.items()):
-        if len({(pt["q"], pt["p"], pt["c"]) for pt in group}) < 2:
+    for (T, size, E), splits in sorted(groups.items()):
+        if len(splits) < 2:
             continue
-        row = dict(num_frames=T, image_size=size, E=E, splits=[[pt["p"], pt["c"]] for pt in group])
+        row = dict(num_frames=T, image_size=size, E=E, splits=[list(split) for split in splits])
         for metric in SWEEP_METRICS:  # not baseline_psnr: the bilinear codec depends on E alone
-            values = [pt[metric] for pt in group if pt.get(metric) is not None]
-            if len(values) > 1:
-                row[metric] = max(values) - min(values)
+            values = [[pt[metric] for pt in pts if pt.get(metric) is not None] for pts in splits.values()]
+            means = [float(np.mean(v)) for v in values if v]
+            if len(means) > 1:
+                row[metric] = max(means) - min(means)
         spreads.append(row)
     return spreads
 
@@ -635,14 +638,13 @@ def plot_sweep(path, points, fits):
 
 def sweep(args, rank, world, device):
     """Evaluate every tokenizer of --sweep on the same data, then tabulate, fit, plot (--plot) and save (--json)."""
-    missing = [path for path in args.sweep if not os.path.exists(path)]
-    if missing:  # before hours of evaluation, not after
-        fail("; ".join(f"checkpoint {path} does not exist" for path in missing))
+    for path in args.sweep:  # every file checked before hours of evaluation, not after (mmap: the config only)
+        kind = read_checkpoint(path, mmap=True)["config"]["kind"]
+        if kind != "ae":
+            fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} is a {kind} checkpoint")
     points = []
     for path in args.sweep:
         ckpt = read_checkpoint(path)
-        if ckpt["config"]["kind"] != "ae":
-            fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} is a {ckpt['config']['kind']} checkpoint")
         run = argparse.Namespace(**{**vars(args), "ckpt": path, "data": args.data or ckpt["config"]["data"],
                                     "frame_stride": args.frame_stride or ckpt["config"].get("frame_stride", 3)})
         results, n, _, _ = evaluate_tokenizer(run, ckpt, rank, world, device)
@@ -705,7 +707,8 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a tokenizer (train_ae.py) or DiT (train_dit.py) checkpoint; its kind is in it")
-    p.add_argument("--data", help="dataset folder or 'synthetic': images to reconstruct, or the generator's reference")
+    p.add_argument("--data", help="dataset folder, 'synthetic' or 'deadleaves': images to reconstruct, or the "
+                                  "generator's reference")
     p.add_argument("--num-samples", type=int, help="tokenizer: at most this many (default all); DiT: samples to "
                                                     "draw (default 50000)")
     p.add_argument("--inception-weights", help=f"the FID Inception file ({FID_FILE}; default: the torch hub cache)")

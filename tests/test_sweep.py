@@ -104,6 +104,10 @@ def test_fits_per_resolution_and_their_edge_cases(tmp_path):
     assert [(s["image_size"], s["E"], s["splits"]) for s in spreads] == [(256, 4096, splits), (512, 16384, splits)]
     assert spreads[0]["psnr"] == pytest.approx(0.75) and spreads[1]["psnr"] == pytest.approx(0, abs=1e-12)
     assert spreads[0]["ssim"] == 0 and "rfid" not in spreads[0]
+    # A split with two checkpoints (two seeds) counts with their mean: seed noise is not a split's difference.
+    seed = dict(points[3], ckpt="256_32_64_seed1.pt", psnr=points[3]["psnr"] - 0.5)
+    spreads = evaluate.sweep_spreads(points + [seed])
+    assert spreads[0]["splits"] == splits and spreads[0]["psnr"] == pytest.approx(0.5)
     noisy = evaluate.fit_log_e([64, 128, 256, 512], [1.0, 3.0, 2.0, 5.0])
     assert 0 < noisy["r2"] < 1
     pytest.importorskip("matplotlib")
@@ -121,8 +125,11 @@ def test_plot_is_optional_and_bad_inputs_fail(toys, tmp_path, monkeypatch, capsy
         run("--sweep", toys[0], junk, *FAST)
     assert exit_info.value.code == 2 and "junk.pt is not a vitok checkpoint" in capsys.readouterr().err
     dit_like = tmp_path / "dit.pt"
-    torch.save({"config": {"kind": "dit"}}, dit_like)
-    for bad, why in ((dit_like, "dit.pt is a dit checkpoint"), (tmp_path / "gone.pt", "gone.pt does not exist")):
+    torch.save({"config": {"kind": "dit", "num_frames": 1}}, dit_like)
+    # Every file is checked before any is evaluated: a bad last file fails before the first evaluation.
+    monkeypatch.setattr(evaluate, "evaluate_tokenizer", lambda *a: pytest.fail("evaluated before checking all files"))
+    for bad, why in ((dit_like, "dit.pt is a dit checkpoint"), (tmp_path / "gone.pt", "gone.pt does not exist"),
+                     (junk, "junk.pt is not a vitok checkpoint")):
         with pytest.raises(SystemExit) as exit_info:
             run("--sweep", toys[0], bad, *FAST)
         assert exit_info.value.code == 2 and why in capsys.readouterr().err
