@@ -317,8 +317,8 @@ def read_checkpoint(path, mmap=False):
 # Tokenizer: reconstructions from the posterior mean
 # --------------------------------------------------------------------------------------------------------------
 def bilinear_codec(x, floats):
-    """The trivial codec with the same number of floats as the latent: downsample each frame (antialiased) to its
-    share of the budget, upsample again."""
+    """The trivial codec with at most as many floats as the latent: downsample each frame (antialiased) to the largest
+    square that fits its share of the budget (E = 256 floats: 9x9x3 = 243), upsample again."""
     frames = x.shape[2] if x.dim() == 5 else 1
     side = max(1, int(math.sqrt(floats / frames / 3)))
     low = F.interpolate(frames_to_batch(x), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
@@ -513,7 +513,7 @@ def save_reference(args, rank, world, device):
 # The scaling sweep (Fig. 3): each metric against E = L*c over tokenizers of different patch size and channels
 # --------------------------------------------------------------------------------------------------------------
 # The metrics a sweep fits and plots where computed, with their axis labels; baseline_psnr (the bilinear codec with the
-# same floats) is only tabulated.
+# same floats, or slightly fewer) is only tabulated.
 SWEEP_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID"}
 
 
