@@ -71,9 +71,9 @@ HELP = {
     "seed": "seed of weights, data order and noise",
     "log_every": "steps per log line", "ckpt_every": "steps per checkpoint", "sample_every": "steps per grid",
 }
-# CPU demo: a tiny model with 16x16 patches on 64x64 dead-leaves images (16 tokens of 16 channels: 256 floats), about
-# five minutes on 2 cores; on photographs (--data FOLDER) it beats the bilinear codec with (at most) the same floats by
-# 2.4 dB.
+# CPU demo: a tiny model with 16x16 patches on 64x64 dead-leaves images (16 tokens of 16 channels: 256 floats), five
+# to eight minutes on 2 cores (five on photographs, which are faster to read than dead leaves are to draw); on
+# photographs (--data FOLDER) it beats the bilinear codec with (at most) the same floats by 2.4 dB.
 # No LPIPS (it needs the VGG16 weights); a narrow discriminator for the stage-2 demo.
 TINY = dict(model="T-T/16", data="deadleaves", image_size=64, global_batch_size=32, steps=2000, lr=24e-3,
             lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3, ema=0.999, precision="fp32", workers=2,
