@@ -304,7 +304,7 @@ def read_checkpoint(path, mmap=False):
         fail(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        kind, _ = ckpt["config"]["kind"], ckpt["config"]["num_frames"]
+        kind, _ = ckpt["config"]["kind"], ckpt["config"]["num_frames"]  # both are read by every evaluation
     except Exception as err:
         fail(f"{path} is not a vitok checkpoint (train_ae.py or train_dit.py): {type(err).__name__}: "
              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
@@ -638,13 +638,14 @@ def plot_sweep(path, points, fits):
 
 def sweep(args, rank, world, device):
     """Evaluate every tokenizer of --sweep on the same data, then tabulate, fit, plot (--plot) and save (--json)."""
-    for path in args.sweep:  # every file checked before hours of evaluation, not after (mmap: the config only)
-        kind = read_checkpoint(path, mmap=True)["config"]["kind"]
-        if kind != "ae":
-            fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} is a {kind} checkpoint")
+    # Every file is read and checked before hours of evaluation, not after; memory-mapped, a checkpoint's tensors are
+    # read from disk only when its model is built.
+    ckpts = [read_checkpoint(path, mmap=True) for path in args.sweep]
+    for path, ckpt in zip(args.sweep, ckpts):
+        if ckpt["config"]["kind"] != "ae":
+            fail(f"--sweep takes tokenizer checkpoints (train_ae.py); {path} is a {ckpt['config']['kind']} checkpoint")
     points = []
-    for path in args.sweep:
-        ckpt = read_checkpoint(path)
+    for path, ckpt in zip(args.sweep, ckpts):
         run = argparse.Namespace(**{**vars(args), "ckpt": path, "data": args.data or ckpt["config"]["data"],
                                     "frame_stride": args.frame_stride or ckpt["config"].get("frame_stride", 3)})
         results, n, _, _ = evaluate_tokenizer(run, ckpt, rank, world, device)
