@@ -16,21 +16,16 @@ Transforms: eval resizes the short side and crops the centre. Training images: R
 3/4-4/3) + horizontal flip. Training clips: resize the short side, a random square crop and a flip, the same for
 every frame (the paper's video recipe: no aspect jitter).
 """
-import contextlib
-import datetime
 import math
 import os
 import warnings
-import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.utils import save_image
 
-from vitok import frames_to_batch
+from runtime import UserError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".jfif"}
 VIDEO_EXTS = {".avi", ".mp4", ".mkv", ".webm", ".mov"}
@@ -96,7 +91,7 @@ def to_unit(frames):
     return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames
 
 
-class _Base(torch.utils.data.Dataset):
+class FileDataset(torch.utils.data.Dataset):
     """Keys are an index, or (index, seed) from infinite_loader: the seed draws the training augmentation, so a
     sample's crop is a function of (run seed, epoch, index) alone and a resumed run sees the same batches."""
 
@@ -124,7 +119,7 @@ class _Base(torch.utils.data.Dataset):
             frames = frames * 2 - 1  # [T,3,S,S] in [-1,1]
             x = frames[0] if self.num_frames == 1 else frames.transpose(0, 1)  # [3,S,S] or [3,T,S,S]
             return x.contiguous(), self.labels[i]
-        raise RuntimeError(f"no readable file in {self.source}")
+        raise UserError(f"no readable file in {self.source}")
 
     def pick(self, n, gen):
         """Indices of num_frames frames at the fixed stride out of n; a random start when training, else the middle.
@@ -134,12 +129,12 @@ class _Base(torch.utils.data.Dataset):
         return [min(start + k * self.stride, n - 1) for k in range(self.num_frames)]
 
 
-class ImageFolder(_Base):
+class ImageFolder(FileDataset):
     def load(self, i, gen):
         return load_rgb(self.items[i])[None]
 
 
-class FrameFolder(_Base):
+class FrameFolder(FileDataset):
     """Clips stored as folders of frames (sorted by file name)."""
 
     def load(self, i, gen):
@@ -149,7 +144,7 @@ class FrameFolder(_Base):
         return torch.stack([load_rgb(frames[k]) for k in self.pick(len(frames), gen)])
 
 
-class VideoFolder(_Base):
+class VideoFolder(FileDataset):
     """Video files (UCF-101 .avi, .mp4, ...), decoded with PyAV. The clip is chosen from the frame count in the
     container's header, decoding stops after its last frame and only its frames are converted to RGB: on 7 s UCF-like
     files a clip costs half the CPU time of decoding the whole file. Files whose header gives no count are decoded to
@@ -202,7 +197,6 @@ class Synthetic(Procedural):
     disc, checker, diamond, two discs) and hue; position, size, background, texture and motion vary within a class."""
 
     num_classes = 10
-    source = "synthetic"
 
     def render(self, index, gen):
         label = index % self.num_classes
@@ -251,7 +245,6 @@ class DeadLeaves(Procedural):
     anything to a class-conditional DiT."""
 
     num_classes = 0
-    source = "deadleaves"
 
     def render(self, index, gen):
         return dead_leaves(self.size, self.num_frames, gen), -1
@@ -334,20 +327,20 @@ def build_dataset(source, image_size, num_frames=1, train=False, frame_stride=3,
     ucfTrainTestlist folder, inside or beside `source`. length: the size of a procedural source."""
     if source in ("synthetic", "deadleaves"):
         if split_file is not None:
-            raise ValueError(f"split_file selects files of a folder; {source} has none")
+            raise UserError(f"split_file selects files of a folder; {source} has none")
         return (Synthetic if source == "synthetic" else DeadLeaves)(image_size, num_frames, train, length)
     if not os.path.isdir(source):
-        raise FileNotFoundError(f"dataset folder {source} does not exist (or pass 'synthetic' or 'deadleaves')")
-    kind, items, labels, num_classes = _find(source, num_frames)
+        raise UserError(f"dataset folder {source} does not exist (or pass 'synthetic' or 'deadleaves')")
+    reader, items, labels, num_classes = _find(source, num_frames)
     if split_file is not None:
         keep = _listed(source, split_file, items)
         items, labels = [items[i] for i in keep], [labels[i] for i in keep]
-    if kind is VideoFolder:
+    if reader is VideoFolder:
         try:
             import av  # noqa: F401
         except ImportError:
-            raise ImportError(f"reading the videos in {source} needs PyAV: pip install av") from None
-    return kind(items, labels, num_classes, size=image_size, num_frames=num_frames, train=train, source=source,
+            raise UserError(f"reading the videos in {source} needs PyAV: pip install av") from None
+    return reader(items, labels, num_classes, size=image_size, num_frames=num_frames, train=train, source=source,
                 stride=frame_stride)
 
 
@@ -365,27 +358,27 @@ def _find(source, num_frames):
             labels += [label] * len(found)
         if items:
             return ImageFolder, items, labels, len(dirs)
-        raise ValueError(f"no images found in {source}: expected image files, or class sub-folders of images")
+        raise UserError(f"no images found in {source}: expected image files, or class sub-folders of images")
     videos = [f for f in files if os.path.splitext(f)[1].lower() in VIDEO_EXTS]
     if videos:
         return VideoFolder, videos, [-1] * len(videos), 0
     # Class folders; a folder with neither media nor sub-folders (UCF-101's ucfTrainTestlist of .txt) is no class.
     scans = [(d, *_scan(d, IMAGE_EXTS | VIDEO_EXTS)) for d in dirs]
     scans = [(d, sub_files, sub_dirs) for d, sub_files, sub_dirs in scans if sub_files or sub_dirs]
-    items, labels, kind = [], [], None
+    items, labels, reader = [], [], None
     for label, (d, sub_files, sub_dirs) in enumerate(scans):
         if any(os.path.splitext(f)[1].lower() in VIDEO_EXTS for f in sub_files):  # UCF-101: class/video.avi
-            found, kind = [f for f in sub_files if os.path.splitext(f)[1].lower() in VIDEO_EXTS], VideoFolder
+            found, reader = [f for f in sub_files if os.path.splitext(f)[1].lower() in VIDEO_EXTS], VideoFolder
         elif sub_files:  # root/clip/frames: unlabelled clips
-            found, kind, label = [d], FrameFolder, -1
+            found, reader, label = [d], FrameFolder, -1
         else:  # root/class/clip/frames
-            found, kind = sub_dirs, FrameFolder
+            found, reader = sub_dirs, FrameFolder
         items += found
         labels += [label] * len(found)
     if not items:
-        raise ValueError(f"no videos found in {source}: expected class folders of video files "
+        raise UserError(f"no videos found in {source}: expected class folders of video files "
                          f"({', '.join(sorted(VIDEO_EXTS))}), or folders of frames")
-    return kind, items, labels, 0 if all(label < 0 for label in labels) else len(scans)
+    return reader, items, labels, 0 if all(label < 0 for label in labels) else len(scans)
 
 
 def _listed(source, split_file, items):
@@ -400,7 +393,7 @@ def _listed(source, split_file, items):
                   os.path.join(source, name)]
         path = next((p for p in places if os.path.isfile(p)), None)
         if path is None:
-            raise FileNotFoundError(f"split file {split_file} not found, nor at {', '.join(places)}")
+            raise UserError(f"split file {split_file} not found, nor at {', '.join(places)}")
     listed = []
     with open(path) as f:
         for line in f:
@@ -411,7 +404,7 @@ def _listed(source, split_file, items):
     where = {os.path.normpath(os.path.relpath(item, source)): i for i, item in enumerate(items)}
     missing = [rel for rel in listed if rel not in where]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of the {len(listed)} files listed in {path} are not in {source}: "
+        raise UserError(f"{len(missing)} of the {len(listed)} files listed in {path} are not in {source}: "
                                 + ", ".join(os.path.join(source, rel) for rel in missing[:3])
                                 + (", ..." if len(missing) > 3 else ""))
     return sorted({where[rel] for rel in listed})
@@ -430,7 +423,7 @@ def infinite_loader(dataset, batch_size, rank=0, world_size=1, seed=0, start_ste
     per_rank = len(dataset) // world_size
     steps_per_epoch = per_rank // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples do not fill one batch of {batch_size} on {world_size} rank(s)")
+        raise UserError(f"{len(dataset)} samples do not fill one batch of {batch_size} on {world_size} rank(s)")
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
@@ -439,88 +432,3 @@ def infinite_loader(dataset, batch_size, rank=0, world_size=1, seed=0, start_ste
         yield from torch.utils.data.DataLoader(dataset, batch_size, sampler=keys, num_workers=num_workers,
                                                drop_last=True, pin_memory=torch.cuda.is_available())
         epoch, skip = epoch + 1, 0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Ranks, devices and images: what every script needs to run on 1..N processes and to show its outputs
-# --------------------------------------------------------------------------------------------------------------
-def setup_distributed():
-    """One code path for 1..N ranks: under torchrun (RANK/WORLD_SIZE set) join the group, NCCL on GPU and gloo on
-    CPU; alone, rank 0 of 1. TF32 matmuls on GPU (App. A trains with them). Returns (rank, world_size, device)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        # An hour before a collective times out: rank 0 alone joins sample shards and computes FIDs at the end.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
-                                device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def autocast(device, precision):
-    """The one precision context of every script: bf16 autocast on GPU around forward passes; fp32 (a null context)
-    on CPU or with --precision fp32. The paper found bf16 and fp32 tokenizers equally good (App. A)."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def step_generator(seed, step, device):
-    """A training step's random numbers come from a generator seeded by (seed, step) and are drawn for the whole
-    GLOBAL batch; rank r takes rows r, r + world, ..., the samples that infinite_loader gives it. A run is then the
-    same for any number of ranks and resumes exactly without replaying random streams."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-
-
-def save_grid(path, x, x_hat, max_items=8):
-    """A PNG of originals (top) above reconstructions or samples (bottom); videos show each clip's frames in a row."""
-    if x.dim() == 5:  # [B,3,T,H,W] -> two clips, frames side by side
-        nrow = x.shape[2]
-        x, x_hat = frames_to_batch(x[:2]), frames_to_batch(x_hat[:2])  # [2T,3,H,W]
-    else:
-        nrow = min(max_items, x.shape[0])
-        x, x_hat = x[:nrow], x_hat[:nrow]
-    save_image(torch.cat([x, x_hat]).float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)
-
-
-def shard(dataset, num_samples, rank, world):
-    """The first num_samples items (default all) split over ranks: rank r takes items r, r + world, ... (their global
-    indices are the Subset's .indices). Returns (n, Subset)."""
-    n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
-    return n, torch.utils.data.Subset(dataset, list(range(rank, n, world)))
-
-
-def open_shard(path, rank, rows, shape, dtype=np.uint8):
-    """This rank's rows of an array that will be saved as `path` (.npz): a memory-mapped .npy beside it, filled as the
-    rows are made, so that no process holds more than a batch of them."""
-    return np.lib.format.open_memmap(f"{path}.rank{rank}.npy", mode="w+", dtype=dtype, shape=(rows, *shape))
-
-
-def join_shards(path, n, world, block=256, head=16):
-    """Rank 0, after every rank has flushed its shard: the n rows in global order (row i is row i // world of rank
-    i % world's shard, as `shard` deals them) written to `path` as np.savez writes `arr_0`, one block of rows at a time,
-    so memory stays one block for any n; the shards are then removed. Returns the first `head` rows (a preview)."""
-    shards = [np.load(f"{path}.rank{r}.npy", mmap_mode="r") for r in range(world)]
-    header = {**np.lib.format.header_data_from_array_1_0(shards[0][:1]), "shape": (n, *shards[0].shape[1:])}
-    with zipfile.ZipFile(f"{path}.tmp", "w", allowZip64=True) as archive:  # stored, not compressed: as np.savez
-        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for start in range(0, n, block):
-                rows = np.stack([shards[i % world][i // world] for i in range(start, min(n, start + block))])
-                f.write(rows.tobytes())
-                if start == 0:
-                    first = rows[:head].copy()
-    os.replace(f"{path}.tmp", path)  # complete or absent, never half-written
-    for r in range(world):
-        os.remove(f"{path}.rank{r}.npy")
-    return first

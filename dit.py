@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import runtime
 from vitok import Attention, SwiGLU, rope_table
 
 
@@ -275,16 +276,13 @@ def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
     return x
 
 
-def from_checkpoint(path, use_ema=True, state=None):
-    """Load a DiT written by train_dit.py: EMA weights when present (and use_ema), eval mode, on CPU. `state` is the
-    already-read checkpoint dict, so that a caller that needs its config reads the file once."""
-    ckpt = state if state is not None else torch.load(path, map_location="cpu", weights_only=True)
+def from_checkpoint(ckpt, name=None):
+    """A DiT written by train_dit.py, from its path or its already-read dict: EMA weights when
+    present, eval mode, on CPU."""
+    name = name or str(ckpt)
+    if not isinstance(ckpt, dict):
+        ckpt = runtime.read_checkpoint(ckpt, kind="dit")
     config = ckpt["config"]
-    if config.get("kind") != "dit":
-        raise ValueError(f"{path} is a {config.get('kind')} checkpoint, not a DiT (train_dit.py) checkpoint")
     model = DiT_models[config["model"]](channels=config["channels"], grid=config["grid"],
                                         num_classes=config["num_classes"])
-    weights = "ema" if use_ema and ckpt.get("ema") is not None else "model"
-    model.load_state_dict(ckpt[weights])
-    model.weights = weights  # which weights were loaded, for reports
-    return model.eval()
+    return runtime.load_weights(model, ckpt, name)

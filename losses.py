@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import runtime
 from vitok import frames_to_batch
 
 VGG_FILE = "vgg16-397923af.pth"
@@ -38,7 +39,7 @@ class LPIPS(nn.Module):
                     os.makedirs(folder, exist_ok=True)
                     torch.hub.download_url_to_file(VGG_URL, os.path.join(folder, VGG_FILE), progress=False)
                 except Exception as err:
-                    raise FileNotFoundError(
+                    raise runtime.UserError(
                         f"LPIPS needs torchvision's VGG16 weights {VGG_FILE}: put the file in {folder} (it could not "
                         f"be downloaded from {VGG_URL}: {err}); train_ae.py --lpips-weight 0 trains without LPIPS"
                     ) from None
@@ -46,7 +47,7 @@ class LPIPS(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
         self.net.net.to(memory_format=torch.channels_last)  # the layout fast convolution kernels want on GPU
-        self.pretrained, self.precision = pretrained, precision
+        self.precision = precision
         self.eval().requires_grad_(False)
 
     def train(self, mode=True):  # always eval: the backbone has dropout in its heads

@@ -1,12 +1,14 @@
 """Train a class-conditional DiT on the latent tokens of a frozen ViTok (§3.3, §4.3).
 
-    python train_dit.py --preset tiny                        # CPU demo on the tiny tokenizer's ae.pt, writes dit.pt
-    torchrun --nproc_per_node=8 train_dit.py --model DiT-L --ae-ckpt ae.pt --data /datasets/imagenet/train
+    python train_dit.py --preset tiny          # CPU demo on the tiny tokenizer's ae.pt: dit.pt
+    torchrun --nproc_per_node=8 train_dit.py --model DiT-L --ae-ckpt ae.pt \
+        --data /datasets/imagenet/train
 
-DiT's recipe (Peebles & Xie 2023): centre crops with random horizontal flips, AdamW at a constant 1e-4 with no weight
-decay, class dropout 0.1, EMA 0.9999. The tokenizer's EMA weights encode each batch on the fly and the DiT trains on a
-posterior sample, as the paper; or a latent cache (--latent-cache DIR), written once by this script, holds the
-posterior moments of every image and of its mirror, so that both paths see the same distribution.
+DiT's recipe (Peebles & Xie 2023): centre crops with random horizontal flips, AdamW at a constant
+1e-4 with no weight decay, class dropout 0.1, EMA 0.9999. The tokenizer's EMA weights encode each
+batch on the fly and the DiT trains on a posterior sample, as the paper; or a latent cache
+(--latent-cache DIR), written once by this script, holds the posterior moments of every image and
+of its mirror, so that both paths see the same distribution.
 """
 import copy
 import json
@@ -19,14 +21,14 @@ from tqdm import tqdm
 
 import data
 import dit
+import runtime
 import vitok
-from data import autocast, save_grid, step_generator
-from train_ae import Run, ema_decay, load_checkpoint, merge, parse_flags, update_ema
+from runtime import UserError, autocast, step_generator
 
 DEFAULTS = dict(
-    model="DiT-L", ae_ckpt=None, data=None, frame_stride=None, split_file=None, global_batch_size=256, steps=500_000,
-    ckpt="dit.pt", out_dir=None,
-    lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,  # DiT: AdamW's defaults, constant lr, no decay
+    model="DiT-L", ae_ckpt=None, data=None, frame_stride=None, split_file=None,
+    global_batch_size=256, steps=500_000, ckpt="dit.pt", out_dir=None,
+    lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,  # DiT: AdamW's defaults, constant, no decay
     grad_clip=0.0,  # 0: off, as DiT (the gradient norm is still logged)
     ema=0.9999, ema_warmup=10, class_dropout=0.1, latent_scale=1.0, latent_cache=None,
     precision="bf16", compile=False, grad_ckpt=False, workers=8, seed=0,
@@ -34,9 +36,9 @@ DEFAULTS = dict(
 )
 HELP = {
     "model": "DiT-B, DiT-L, DiT-XL or DiT-tiny",
-    "ae_ckpt": "the tokenizer checkpoint written by train_ae.py (its EMA weights are used, frozen)",
+    "ae_ckpt": "the tokenizer checkpoint written by train_ae.py (its EMA weights, frozen)",
     "data": "dataset folder, 'synthetic' or 'deadleaves'",
-    "frame_stride": "video: keep every n-th frame (None: the tokenizer's)",
+    "frame_stride": ("video: keep every n-th frame (None: the tokenizer's)", dict(type=int)),
     "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",
     "global_batch_size": "latents per step over all ranks",
     "steps": "optimizer steps",
@@ -46,44 +48,50 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clipping; 0 is off",
     "ema": "EMA decay",
-    "class_dropout": "probability that a label becomes the null class (for classifier-free guidance)",
+    "class_dropout": "probability that a label becomes the null class (for guidance)",
     "latent_scale": "the DiT trains on z * scale (1: unscaled, as the paper)",
     "latent_cache": "folder of cached posterior moments, written on first use",
-    "precision": "bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
+    "precision": ("bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
+                  dict(choices=["bf16", "fp32"])),
     "compile": "torch.compile the DiT",
     "grad_ckpt": "activation checkpointing in the DiT blocks",
     "workers": "data-loader workers per rank",
     "seed": "seed of weights, data order and noise",
-    "log_every": "steps per log line", "ckpt_every": "steps per checkpoint", "sample_every": "steps per grid",
+    "log_every": "steps per log line",
+    "ckpt_every": "steps per checkpoint",
+    "sample_every": "steps per grid",
     "cfg_scale": "classifier-free guidance of the sample grids",
     "sample_steps": "DDIM steps of the sample grids",
 }
 PRESETS = {
-    # CPU demo: chains with `python train_ae.py --preset tiny` (its ae.pt); a few minutes on 2 cores.
-    "tiny": dict(model="DiT-tiny", ae_ckpt="ae.pt", data="synthetic", global_batch_size=32, steps=1500, lr=1e-3,
-                 ema=0.999, precision="fp32", workers=2, log_every=50, ckpt_every=500, sample_every=500),
+    # CPU demo: chains with `python train_ae.py --preset tiny` (its ae.pt).
+    "tiny": dict(model="DiT-tiny", ae_ckpt="ae.pt", data="synthetic", global_batch_size=32,
+                 steps=1500, lr=1e-3, ema=0.999, precision="fp32", workers=2, log_every=50,
+                 ckpt_every=500, sample_every=500),
 }
 
 
 def resolve(args):
-    """The run's configuration (defaults < preset < flags) completed from the tokenizer's checkpoint, which is read
-    here once: the latent grid, channels, resolution and clip length are the tokenizer's. Returns (config, tokenizer);
-    the number of classes comes from the data, in main()."""
-    config = merge(args, DEFAULTS, PRESETS, kind="dit")
+    """The run's configuration (defaults < preset < flags) completed from the tokenizer's
+    checkpoint, read here once: the latent grid, channels, resolution and clip length are the
+    tokenizer's. Returns (config, tokenizer); the number of classes comes from the data, in
+    main()."""
+    config = runtime.merge(args, DEFAULTS, PRESETS, kind="dit")
     if config["ae_ckpt"] is None or config["data"] is None:
-        raise SystemExit("train_dit.py: --ae-ckpt (a train_ae.py checkpoint) and --data (a folder or 'synthetic') "
-                         "are required")
+        raise UserError("--ae-ckpt (a train_ae.py checkpoint) and --data (a folder, 'synthetic' "
+                        "or 'deadleaves') are required")
     if not os.path.exists(config["ae_ckpt"]):
-        raise SystemExit(f"train_dit.py: tokenizer checkpoint {config['ae_ckpt']} not found; train one first "
-                         f"(python train_ae.py --preset tiny writes ae.pt)")
-    ae_state = load_checkpoint(config["ae_ckpt"])
-    ae = vitok.from_checkpoint(config["ae_ckpt"], state=ae_state).requires_grad_(False)
+        raise UserError(f"tokenizer checkpoint {config['ae_ckpt']} not found; train one first "
+                        f"(python train_ae.py --preset tiny writes ae.pt)")
+    ae_state = runtime.read_checkpoint(config["ae_ckpt"], kind="ae")
+    ae = vitok.from_checkpoint(ae_state, name=config["ae_ckpt"]).requires_grad_(False)
     ae_config = ae_state["config"]
-    config.update(ae_model=ae_config["model"], channels=ae.channels, image_size=ae_config["image_size"],
-                  num_frames=ae_config["num_frames"])
-    if config["frame_stride"] is None:  # the DiT learns the clips the tokenizer was trained on: same frame rate
+    config.update(ae_model=ae_config["model"], channels=ae.channels,
+                  image_size=ae_config["image_size"], num_frames=ae_config["num_frames"])
+    if config["frame_stride"] is None:  # the clips the tokenizer was trained on: same frame rate
         config["frame_stride"] = ae_config.get("frame_stride", 3)
-    config["grid"] = list(ae.grid((config["num_frames"], config["image_size"], config["image_size"])))
+    size = (config["num_frames"], config["image_size"], config["image_size"])
+    config["grid"] = list(ae.grid(size))
     if config["out_dir"] is None:
         config["out_dir"] = os.path.splitext(config["ckpt"])[0] + "-logs"
     return config, ae
@@ -91,16 +99,19 @@ def resolve(args):
 
 def main(args):
     config, ae = resolve(args)
-    # Joins the ranks, finds a checkpoint to resume from, seeds the initial weights (the same on every rank).
-    run = Run(config)
-    device, gb, seed = run.device, config["global_batch_size"], config["seed"]
+    # Joins the ranks, finds the checkpoint to resume from, seeds the initial weights.
+    run = runtime.TrainingRun(config)
+    device, gb, seed, precision = run.device, config["global_batch_size"], config["seed"], \
+        config["precision"]
 
-    # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache (written on first use).
+    # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache.
     ae = ae.to(device)
-    # Centre crops (train=False) as DiT; the step below flips half of them, in pixels or by picking the mirror.
-    images = data.build_dataset(config["data"], config["image_size"], config["num_frames"], train=False,
-                                frame_stride=config["frame_stride"], split_file=config["split_file"])
-    if config["latent_cache"]:  # encode once, train many epochs: the tokenizer's cost leaves the training loop
+    # Centre crops (train=False) as DiT; the step flips half of them, in pixels or by picking
+    # the mirror's moments.
+    images = data.build_dataset(config["data"], config["image_size"], config["num_frames"],
+                                train=False, frame_stride=config["frame_stride"],
+                                split_file=config["split_file"])
+    if config["latent_cache"]:  # encode once, train many epochs: the tokenizer leaves the loop
         if not os.path.exists(os.path.join(config["latent_cache"], "meta.json")):
             write_latent_cache(config["latent_cache"], ae, images, config, run)
         dataset = LatentCache(config["latent_cache"], config)
@@ -108,92 +119,105 @@ def main(args):
         dataset = images
     config["num_classes"] = dataset.num_classes  # label num_classes is the null class
     if dataset.num_classes == 0:
-        run.say("unlabelled data: training with the null class only (unconditional; sampling ignores CFG)")
+        run.print0("unlabelled data: training with the null class only (unconditional)")
 
     # Build, resume, compile, wrap; the raw modules stay for EMA, samples and checkpoints.
     # The DiT's token grid is the tokenizer's latent grid: one DiT token per latent token (§3.3).
-    model = dit.DiT_models[config["model"]](channels=config["channels"], grid=config["grid"],
-                                            num_classes=config["num_classes"], grad_ckpt=config["grad_ckpt"]).to(device)
+    model = dit.DiT_models[config["model"]](
+        channels=config["channels"], grid=config["grid"], num_classes=config["num_classes"],
+        grad_ckpt=config["grad_ckpt"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=config["betas"],
                             weight_decay=config["weight_decay"], fused=device.type == "cuda")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     stateful = dict(model=model, ema=ema, opt=opt)  # what a checkpoint holds, by its key
-    # A checkpoint of another DiT, tokenizer grid or label set is refused rather than half-loaded.
+    # A checkpoint of another DiT, tokenizer grid or label set is refused, never half-loaded.
     run.resume(stateful, same=("kind", "model", "channels", "grid", "num_classes"))
     model_ddp = run.ddp(run.compile(model))
 
-    # Each rank loads its interleaved share of the global batch; a resumed run starts at the batch it stopped at.
-    loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed, start_step=run.start,
-                                  num_workers=config["workers"])
+    # Each rank loads its interleaved share of the global batch; a resumed run starts at the
+    # batch it stopped at.
+    loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed,
+                                  start_step=run.start, num_workers=config["workers"])
     L, c, mine = int(np.prod(config["grid"])), config["channels"], slice(run.rank, None, run.world)
-    run.say(f"{config['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {L} tokens of "
-            f"{c} channels from {config['ae_model']}; {len(dataset)} samples, {run.world} rank(s), batch "
-            f"{run.batch}/rank, steps {run.start}->{config['steps']}")
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    run.print0(f"{config['model']}: {millions:.1f}M params on {L} tokens of {c} channels from "
+               f"{config['ae_model']}; {len(dataset)} samples, {run.world} rank(s), batch "
+               f"{run.batch}/rank, steps {run.start}->{config['steps']}")
 
     for step in range(run.start, config["steps"]):
-        x, y = next(loader)  # pixels [B,3,(T,)H,W], or cached moments [B,2,L,2c]; labels -1 when unlabelled
+        x, y = next(loader)  # pixels [B,3,(T,)H,W] or cached moments [B,2,L,2c]; labels or -1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # Every random number of the step is drawn for the global batch from one (seed, step) generator; this rank
-        # takes the rows of its samples (data.infinite_loader interleaves them the same way).
+        # Every random number of the step is drawn for the global batch from one (seed, step)
+        # generator; this rank takes the rows of its samples, as the loader deals them.
         gen = step_generator(seed, step, device)
-        flip = torch.rand(gb, generator=gen, device=device)[mine] < 0.5  # DiT's random horizontal flip
+        flip = torch.rand(gb, generator=gen, device=device)[mine] < 0.5  # DiT's random flip
         posterior_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
         t = torch.randint(0, dit.NUM_TIMESTEPS, (gb,), generator=gen, device=device)[mine]
         diffusion_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
-        y = dit.drop_labels(y, config["num_classes"], torch.rand(gb, generator=gen, device=device)[mine],
-                            config["class_dropout"])
+        u = torch.rand(gb, generator=gen, device=device)[mine]
+        y = dit.drop_labels(y, config["num_classes"], u, config["class_dropout"])
 
         with torch.no_grad():  # the tokenizer is frozen: no graph through it
-            if config["latent_cache"]:  # x holds the moments of the image and its mirror [B,2,L,2c]
-                posterior = vitok.DiagonalGaussian(x[torch.arange(len(x), device=device), flip.long()])
+            if config["latent_cache"]:  # x: the moments of the image and its mirror [B,2,L,2c]
+                moments = x[torch.arange(len(x), device=device), flip.long()]
+                posterior = vitok.DiagonalGaussian(moments)
             else:
                 x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
-                with autocast(device, config["precision"]):
+                with autocast(device, precision):
                     posterior = ae.encode(x)
             z = posterior.sample(posterior_noise) * config["latent_scale"]  # [B,L,c]
-        # L_hybrid = L_simple + L_vb (IDDPM), over the rank's latents; DDP averages the gradients over ranks.
-        with autocast(device, config["precision"]):
+        # L_hybrid = L_simple + L_vb (IDDPM) over the rank's latents; DDP averages the gradients.
+        with autocast(device, precision):
             terms = dit.training_losses(model_ddp, z, y, t, diffusion_noise)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        # Not clipped by default (DiT does not clip): an infinite max norm only measures it, without a host sync.
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] or float("inf"))
+        # Not clipped by default (DiT does not clip): then the norm is only measured.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if config["grad_clip"] > 0:
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                config["grad_clip"])
+        else:
+            terms["grad_norm"] = torch.nn.utils.get_total_norm(grads)
         opt.step()
-        update_ema(ema, model, ema_decay(step, config))  # the EMA is what evaluate.py samples from
+        # The EMA is what evaluate.py samples from.
+        runtime.update_ema(ema, model, runtime.ema_decay(step, config["ema"],
+                                                         config["ema_warmup"]))
 
-        terms.update(z_mean=z.mean(), z_std=z.std())  # the paper trains on unscaled latents: report their scale
-        run.end_step(step, terms, stateful)
-        if run.due(step, "sample_every") and run.rank == 0:
-            save_samples(os.path.join(config["out_dir"], f"samples_{step + 1:07d}.png"), ema, ae, config, device)
+        terms.update(z_mean=z.mean(), z_std=z.std())  # unscaled latents (the paper): their scale
+        run.after_step(step, terms, stateful)
+        if run.every(step, "sample_every") and run.rank == 0:
+            path = os.path.join(config["out_dir"], f"samples_{step + 1:07d}.png")
+            save_samples(path, ema, ae, config, device)
     run.finish()
 
 
-CACHE_KEYS = ("ae_ckpt", "data", "image_size", "num_frames", "frame_stride", "split_file")  # what a cache is of
+CACHE_KEYS = ("ae_ckpt", "data", "image_size", "num_frames", "frame_stride", "split_file")
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """The posterior moments (mean, logvar) of every image and of its mirror image, [N,2,L,2c] in fp16, and the
-    labels, as .npy files under DIR (memory-mapped). A sample is its two moment tensors [2,L,2c]: the training step
-    picks one with the same per-step flip that the on-the-fly path applies to the pixels."""
+    """The posterior moments (mean, logvar) of every image and of its mirror image, [N,2,L,2c] in
+    fp16, and the labels, as .npy files under DIR (memory-mapped). A sample is its two moment
+    tensors [2,L,2c]: the training step picks one with the same per-step flip that the on-the-fly
+    path applies to the pixels. CACHE_KEYS say what a cache is of."""
 
     def __init__(self, root, config):
         meta = json.load(open(os.path.join(root, "meta.json")))
         if not meta.get("complete") or meta.get("mirrored") is not True:
-            raise SystemExit(f"train_dit.py: latent cache {root} is incomplete or from an older version; delete it "
-                             f"and rerun to rewrite it")
+            raise UserError(f"latent cache {root} is incomplete or from an older version; delete "
+                            f"it and rerun to rewrite it")
         for key in CACHE_KEYS:
-            if meta.get(key) != config[key]:  # latents of another tokenizer or data set: refuse, never reuse
-                raise SystemExit(f"train_dit.py: latent cache {root} holds {key} {meta.get(key)!r}, this run's is "
-                                 f"{config[key]!r}; pass another --latent-cache (or delete it to rewrite it)")
-        self.meta, self.num_classes = meta, meta["num_classes"]
-        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")  # [N,2,L,2c] fp16
+            if meta.get(key) != config[key]:  # latents of another tokenizer or data: refused
+                raise UserError(f"latent cache {root} holds {key} {meta.get(key)!r}, this run's "
+                                f"is {config[key]!r}; pass another --latent-cache (or delete it)")
+        self.num_classes = meta["num_classes"]
+        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")  # [N,2,L,2c]
         self.labels = np.load(os.path.join(root, "labels.npy"))
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, key):
-        i = key[0] if isinstance(key, tuple) else key  # infinite_loader's keys are (index, augmentation seed)
+        i = key[0] if isinstance(key, tuple) else key  # the loader's keys: (index, seed)
         return torch.from_numpy(self.moments[i].astype(np.float32)), int(self.labels[i])
 
 
@@ -201,13 +225,13 @@ class LatentCache(torch.utils.data.Dataset):
 def write_latent_cache(root, ae, dataset, config, run):
     """Encode every centre crop and its mirror once; ranks fill disjoint rows of one memmap."""
     n, L, c = len(dataset), int(np.prod(config["grid"])), ae.channels
+    path = os.path.join(root, "moments.npy")
     if run.rank == 0:
         os.makedirs(root, exist_ok=True)
-        np.lib.format.open_memmap(os.path.join(root, "moments.npy"), mode="w+", dtype=np.float16,
-                                  shape=(n, 2, L, 2 * c))
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 2, L, 2 * c))
     if run.world > 1:
         dist.barrier()
-    moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r+")
+    moments = np.load(path, mmap_mode="r+")
     labels = np.zeros(n, dtype=np.int64)
     mine = list(range(run.rank, n, run.world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=64,
@@ -217,9 +241,9 @@ def write_latent_cache(root, ae, dataset, config, run):
         x = x.to(run.device)
         with autocast(run.device, config["precision"]):
             posterior = ae.encode(torch.cat([x, x.flip(-1)]))  # the images, then their mirrors
-        both = torch.cat([posterior.mean, posterior.logvar], -1).float().view(2, len(y), L, 2 * c).transpose(0, 1)
+        both = torch.cat([posterior.mean, posterior.logvar], -1).float()  # [2B,L,2c]
         rows = mine[done:done + len(y)]
-        moments[rows] = both.cpu().numpy().astype(np.float16)  # [B,2,L,2c]
+        moments[rows] = both.view(2, len(y), L, 2 * c).transpose(0, 1).cpu().numpy()  # [B,2,L,2c]
         labels[rows] = y.numpy()
         done += len(y)
     moments.flush()
@@ -243,17 +267,20 @@ def save_samples(path, model, ae, config, device, n=16):
     z = torch.randn(n, int(np.prod(config["grid"])), config["channels"],
                     generator=torch.Generator(device).manual_seed(0), device=device)
     k = config["num_classes"]
-    y = torch.arange(n, device=device) % k if k else torch.zeros(n, dtype=torch.long, device=device)
+    y = torch.arange(n, device=device) % k if k else torch.zeros(n, dtype=torch.long,
+                                                                   device=device)
+    size = (config["num_frames"], config["image_size"], config["image_size"])
     with autocast(device, config["precision"]):
-        latents = dit.sample(model, z, y, steps=config["sample_steps"], cfg_scale=config["cfg_scale"] if k else 1.0)
-        size = (config["num_frames"], config["image_size"], config["image_size"])
-        x = ae.decode(latents / config["latent_scale"], size if config["num_frames"] > 1 else size[1:])
-    save_grid(path, x[:n // 2], x[n // 2:])
+        latents = dit.sample(model, z, y, steps=config["sample_steps"],
+                             cfg_scale=config["cfg_scale"] if k else 1.0)
+        x = ae.decode(latents / config["latent_scale"], size if config["num_frames"] > 1
+                      else size[1:])
+    runtime.save_grid(path, x[:n // 2], x[n // 2:])
 
 
 def parse_args(argv=None):
-    return parse_flags(__doc__, DEFAULTS, PRESETS, HELP, argv)
+    return runtime.parse_flags(__doc__, DEFAULTS, PRESETS, HELP, argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.run_main(main, parse_args(), "train_dit.py")

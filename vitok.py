@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import runtime
+
 # Transformer sizes (paper Table 1). S is not ViT-S: the paper widens it to 768 and halves the depth; L is 1152
 # wide so that its 72-dim heads split evenly over the three RoPE axes. T is ours: a tiny size for CPU demos/tests.
 VIT_SIZES = {
@@ -204,20 +206,12 @@ class ViTok(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    @property
-    def grad_ckpt(self):
-        return self.encoder.grad_ckpt
-
-    @grad_ckpt.setter
-    def grad_ckpt(self, on):
-        self.encoder.grad_ckpt = self.decoder.grad_ckpt = on
-
     def grid(self, size):
         """Token grid (t,h,w) for an input of size (T,H,W) or (H,W); refuses sizes the tubelet does not divide."""
         size = (1, *size) if len(size) == 2 else tuple(size)
         tubelet = (self.tubelet_size, self.patch_size, self.patch_size)
         if any(s % k or s == 0 for s, k in zip(size, tubelet)):
-            raise ValueError(f"input size {'x'.join(map(str, size))} (TxHxW) is not divisible by the tubelet "
+            raise runtime.UserError(f"input size {'x'.join(map(str, size))} (TxHxW) is not divisible by the tubelet "
                              f"{'x'.join(map(str, tubelet))}; crop or resize it to a multiple")
         return tuple(s // k for s, k in zip(size, tubelet))
 
@@ -273,22 +267,18 @@ def from_name(name, channels=16, **overrides):
     overrides go to ViTok (e.g. grad_ckpt=True)."""
     match = re.fullmatch(r"([TSBL])-([TSBL])/(?:(\d+)x)?(\d+)", ALIASES.get(name, name))
     if match is None:
-        raise ValueError(f"unknown tokenizer name {name!r}: expected <Enc>-<Dec>/<p> or <Enc>-<Dec>/<q>x<p> with "
+        raise runtime.UserError(f"unknown tokenizer name {name!r}: expected <Enc>-<Dec>/<p> or <Enc>-<Dec>/<q>x<p> with "
                          f"sizes from {sorted(VIT_SIZES)} (e.g. 'S-B/16', 'S-B/4x8'), or one of {sorted(ALIASES)}")
     enc, dec, q, p = match.groups()
     kwargs = dict(encoder=enc, decoder=dec, channels=channels, patch_size=int(p), tubelet_size=int(q or 1))
     return ViTok(**{**kwargs, **overrides})
 
 
-def from_checkpoint(path, use_ema=True, state=None):
-    """Load a tokenizer written by train_ae.py: EMA weights when present (and use_ema), eval mode, on CPU. `state` is
-    the already-read checkpoint dict, so that a caller that needs its config reads the file once."""
-    ckpt = state if state is not None else torch.load(path, map_location="cpu", weights_only=True)
-    config = ckpt.get("config", {})
-    if config.get("kind", "ae") != "ae":
-        raise ValueError(f"{path} is a {config.get('kind')} checkpoint, not a tokenizer (train_ae.py) checkpoint")
-    model = from_name(config["model"], channels=config["channels"])
-    weights = "ema" if use_ema and ckpt.get("ema") is not None else "model"
-    model.load_state_dict(ckpt[weights])
-    model.weights = weights  # which weights were loaded, for reports
-    return model.eval()
+def from_checkpoint(ckpt, name=None):
+    """A tokenizer written by train_ae.py, from its path or its already-read dict (a caller that
+    needs the config reads the file once): EMA weights when present, eval mode, on CPU."""
+    name = name or str(ckpt)
+    if not isinstance(ckpt, dict):
+        ckpt = runtime.read_checkpoint(ckpt, kind="ae")
+    model = from_name(ckpt["config"]["model"], channels=ckpt["config"]["channels"])
+    return runtime.load_weights(model, ckpt, name)

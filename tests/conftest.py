@@ -21,9 +21,11 @@ def ae_ckpt(tmp_path_factory):
     return path
 
 
-def kill_at_step(monkeypatch, script, step):
-    """Make `script` (train_ae or train_dit) die like a killed process in the EMA update of 0-based step `step`,
-    after that step's optimizer update and before its checkpoint; undo() restores it for the resumed run."""
+def kill_at_step(monkeypatch, step):
+    """Make a trainer die like a killed process in the EMA update of 0-based step `step`, after that step's
+    optimizer update and before its checkpoint; undo() restores it for the resumed run."""
+    import runtime
+    script = runtime
     real, calls = script.update_ema, {"n": 0}
 
     def update_ema(*args):

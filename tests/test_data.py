@@ -9,6 +9,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import data
+from runtime import UserError
 
 
 def test_synthetic_images_and_clips_are_deterministic_labelled_and_in_range():
@@ -71,7 +72,7 @@ def test_flat_folder_is_unlabelled_and_bad_folders_are_named(tmp_path):
         _write(tmp_path / f"{i}.png", "RGB")
     ds = data.build_dataset(str(tmp_path), 8)
     assert ds.num_classes == 0 and ds[0][1] == -1
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(UserError, match="nowhere"):
         data.build_dataset(str(tmp_path / "nowhere"), 8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
@@ -192,9 +193,9 @@ def test_ucf101_split_lists_select_videos_and_keep_folder_labels(tmp_path):
     assert train.labels == test.labels == [0, 1, 2] and train.num_classes == test.num_classes == 3
     assert train[1][1] == 1 and train[1][0].shape == (3, 2, 8, 8)
     (root / "JumpRope" / "v_JumpRope_g02_c01.avi").unlink()
-    with pytest.raises(FileNotFoundError, match="v_JumpRope_g02_c01.avi"):
+    with pytest.raises(UserError, match="v_JumpRope_g02_c01.avi"):
         data.build_dataset(str(root), 8, num_frames=2, split_file="testlist01")
-    with pytest.raises(FileNotFoundError, match="trainlist09"):
+    with pytest.raises(UserError, match="trainlist09"):
         data.build_dataset(str(root), 8, num_frames=2, split_file="trainlist09")
 
 

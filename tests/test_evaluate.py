@@ -19,6 +19,8 @@ from torchvision.models import inception as tv_inception
 import data
 import dit
 import evaluate
+import features
+import runtime
 import vitok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fid_file(tmp_path_factory):
     """A randomly initialised FID network saved in the standard file's layout (no real weights exist here)."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / evaluate.FID_FILE
-    net = evaluate.build_fid_inception()
+    path = tmp_path_factory.mktemp("inception") / features.FID_FILE
+    net = features.build_fid_inception()
     with torch.no_grad():  # BN statistics away from (0, 1) so the blocks' arithmetic is exercised
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -41,16 +43,16 @@ def fid_file(tmp_path_factory):
 
 
 def run(*argv):
-    evaluate.main(evaluate.parse_args([str(a) for a in argv]))
+    runtime.run_main(evaluate.main, evaluate.parse_args([str(a) for a in argv]), "evaluate.py")
 
 
 def test_fid_network_has_the_standard_files_layout(fid_file):
-    ours = evaluate.build_fid_inception().state_dict()
+    ours = features.build_fid_inception().state_dict()
     reference = tv_inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.items()}
     assert ours["fc.weight"].shape == (1008, 2048) and not any(k.startswith("AuxLogits") for k in ours)
     assert "Mixed_7c.branch_pool.conv.weight" in ours and "Conv2d_1a_3x3.bn.running_var" in ours
-    net = evaluate.InceptionFeatures("fid", fid_file)  # loads with strict=True
+    net = features.InceptionFeatures("fid", fid_file)  # loads with strict=True
     pool, logits = net(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
     torch.testing.assert_close(logits, pool @ net.net.fc.weight.T)  # IS logits: no fc bias, as the standard IS
@@ -66,7 +68,7 @@ def _pool_excluding_padding(x):
 
 
 def test_changed_blocks_compute_the_fid_graph(fid_file):
-    net = evaluate.InceptionFeatures("fid", fid_file).net
+    net = features.InceptionFeatures("fid", fid_file).net
     x = torch.randn(1, 192, 9, 9)
     a = net.Mixed_5b
     expected = torch.cat([a.branch1x1(x), a.branch5x5_2(a.branch5x5_1(x)),
@@ -230,8 +232,8 @@ def test_video_fid_is_per_frame_index_or_pooled():
 
 def test_reference_images_are_rounded_to_uint8_like_the_samples():
     fake = FakeInception()
-    args = evaluate.parse_args(["--data", "synthetic", "--num-ref", "5", "--batch-size", "3", "--workers", "0"])
-    stats, n = evaluate.reference_stats(args, 16, 1, {"inception": fake}, 0, 1, torch.device("cpu"))
+    opts = vars(evaluate.parse_args(["--num-ref", "5", "--batch-size", "3", "--workers", "0"]))
+    stats, n = evaluate.reference_stats("synthetic", 16, 1, 3, {"inception": fake}, opts, 0, 1, torch.device("cpu"))
     x = torch.cat(fake.inputs)
     assert n == 5 and x.shape == (5, 3, 16, 16) and stats["mu"].shape == (1, 6)
     torch.testing.assert_close((x + 1) * 127.5, ((x + 1) * 127.5).round(), rtol=0, atol=1e-4)
@@ -255,12 +257,12 @@ def test_joined_samples_are_in_sample_order_in_constant_memory(tmp_path):
     samples = np.random.default_rng(0).integers(0, 256, (1001, 4, 16, 16, 3), dtype=np.uint8)  # 3 MB of clips
     path, world = str(tmp_path / "s.npz"), 3
     for r in range(world):
-        shard = data.open_shard(path, r, len(range(r, 1001, world)), samples.shape[1:])
+        shard = evaluate.open_shard(path, r, len(range(r, 1001, world)), samples.shape[1:])
         shard[:] = samples[r::world]
         shard.flush()
         del shard
     tracemalloc.start()
-    head = data.join_shards(path, 1001, world, block=16)
+    head = evaluate.join_shards(path, 1001, world, block=16)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < samples.nbytes / 8, peak  # a few blocks, not the array
@@ -277,7 +279,7 @@ def test_missing_weights_are_reported_and_their_metrics_absent(ae_ckpt, tmp_path
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     run("--ckpt", ae_ckpt, "--data", "synthetic", "--num-samples", 5, "--json", tmp_path / "r.json", "--workers", 0)
     out = capsys.readouterr().out
-    assert evaluate.FID_FILE in out and evaluate.FID_URL in out and str(tmp_path / "home" / "hub" / "checkpoints") in out
+    assert features.FID_FILE in out and features.FID_URL in out and str(tmp_path / "home" / "hub" / "checkpoints") in out
     assert "LPIPS skipped" in out and "vgg16-397923af.pth" in out
     report = json.load(open(tmp_path / "r.json"))
     assert {"psnr", "ssim", "num_samples", "weights"} <= set(report) and report["num_samples"] == 5
@@ -297,7 +299,7 @@ def test_bad_inputs_give_one_line_errors(ae_ckpt, tmp_path, capsys):
     state = torch.load(ae_ckpt, weights_only=True)
     state["config"]["channels"] = 8
     torch.save(state, tmp_path / "wrong.pt")
-    cases.append((["--ckpt", tmp_path / "wrong.pt", "--data", "synthetic"], "do not match its config"))
+    cases.append((["--ckpt", tmp_path / "wrong.pt", "--data", "synthetic"], "do not fit the model its config names"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_:
             run(*argv)
@@ -383,9 +385,9 @@ def test_video_tokenizer_reports_per_frame_metrics_and_rfvd(tmp_path):
     model = vitok.from_name("T-T/2x8", channels=4)
     config = {"kind": "ae", "model": "T-T/2x8", "channels": 4, "image_size": 32, "num_frames": 4}
     torch.save({"model": model.state_dict(), "step": 1, "config": config}, tmp_path / "v.pt")
-    torch.jit.script(StandInI3D()).save(str(tmp_path / evaluate.I3D_FILE))
+    torch.jit.script(StandInI3D()).save(str(tmp_path / features.I3D_FILE))
     run("--ckpt", tmp_path / "v.pt", "--data", "synthetic", "--num-samples", 6, "--workers", 0,
-        "--i3d-weights", tmp_path / evaluate.I3D_FILE, "--json", tmp_path / "v.json")
+        "--i3d-weights", tmp_path / features.I3D_FILE, "--json", tmp_path / "v.json")
     report = json.load(open(tmp_path / "v.json"))
     assert {"psnr", "ssim", "rfvd"} <= set(report) and report["weights"]["model"] == "model"
     assert report["num_samples"] == 6 and np.isfinite(report["rfvd"]) and report["rfvd"] > 0

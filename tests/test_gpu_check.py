@@ -1,4 +1,4 @@
-"""tests/gpu_check.py at tiny sizes on the CPU: every check and measurement has its row, the CUDA-only rows say
+"""tools/gpu_check.py at tiny sizes on the CPU: every check and measurement has its row, the CUDA-only rows say
 SKIPPED, the rest PASS with consistent numbers, the JSON is written; rows that need lpips or PyAV skip without them."""
 import json
 import math
@@ -29,7 +29,7 @@ ON_CPU = (["attention S-B/16", "attention DiT-L", "attention S-L/16"]
 def run(tmp_path, *args, env=None):
     out = tmp_path / "table.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "tests/gpu_check.py", "--tiny", "--json", str(out), *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--tiny", "--json", str(out), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-3000:]
     report = json.loads(out.read_text())

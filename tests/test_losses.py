@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import losses
+from runtime import UserError
 import vitok
 
 
@@ -46,7 +47,7 @@ def test_lpips_without_vgg_weights_names_file_folder_and_url(tmp_path, monkeypat
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         losses.LPIPS(pretrained=True)
     message = str(err.value)
     assert "vgg16-397923af.pth" in message and str(tmp_path / "hub" / "checkpoints") in message

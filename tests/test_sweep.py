@@ -10,6 +10,8 @@ import torch
 from scipy import stats
 
 import evaluate
+import runtime
+import sweep
 import vitok
 
 # Random-weight tokenizers at 32^2: L = 64, 16 and 4 tokens; E = 64, 64 and 256 floats (two points of equal E).
@@ -32,7 +34,7 @@ def toys(tmp_path_factory):
 
 
 def run(*argv):
-    evaluate.main(evaluate.parse_args([str(a) for a in argv]))
+    runtime.run_main(evaluate.main, evaluate.parse_args([str(a) for a in argv]), "evaluate.py")
 
 
 def test_sweep_table_json_fit_and_plot(toys, tmp_path, capsys):
@@ -90,34 +92,34 @@ def test_fits_per_resolution_and_their_edge_cases(tmp_path):
             points.append(dict(ckpt=f"{size}_{p}_{c}.pt", model=f"S-B/{p}", p=p, q=1, c=c, L=L, E=E,
                                image_size=size, num_frames=1, psnr=offset + 1.5 * np.log2(E), ssim=0.5))
     points[0]["rfid"] = 3.0  # one point only: no rFID line
-    fits = evaluate.sweep_fits(points)
+    fits = sweep.sweep_fits(points)
     assert set(fits) == {"psnr@256", "psnr@512", "ssim@256", "ssim@512"}
     assert fits["psnr@256"]["slope"] == pytest.approx(1.5) and fits["psnr@256"]["intercept"] == pytest.approx(10.0)
     assert fits["psnr@512"]["intercept"] == pytest.approx(6.0) and fits["psnr@512"]["r2"] == pytest.approx(1.0)
     assert fits["ssim@256"]["r2"] is None and fits["ssim@256"]["slope"] == pytest.approx(0.0, abs=1e-12)
-    assert set(evaluate.sweep_fits(points[:4])) == {"psnr", "ssim"}  # one resolution: plain keys
+    assert set(sweep.sweep_fits(points[:4])) == {"psnr", "ssim"}  # one resolution: plain keys
     # Equal E is grouped per resolution (E = 4096 at 256p, 16384 at 512p, each with three splits); E = 16384 at 256p
     # has one split only.
     points[3]["psnr"] += 0.75
-    spreads = evaluate.sweep_spreads(points)
+    spreads = sweep.sweep_spreads(points)
     splits = [[8, 4], [16, 16], [32, 64]]
     assert [(s["image_size"], s["E"], s["splits"]) for s in spreads] == [(256, 4096, splits), (512, 16384, splits)]
     assert spreads[0]["psnr"] == pytest.approx(0.75) and spreads[1]["psnr"] == pytest.approx(0, abs=1e-12)
     assert spreads[0]["ssim"] == 0 and "rfid" not in spreads[0]
     # A split with two checkpoints (two seeds) counts with their mean: seed noise is not a split's difference.
     seed = dict(points[3], ckpt="256_32_64_seed1.pt", psnr=points[3]["psnr"] - 0.5)
-    spreads = evaluate.sweep_spreads(points + [seed])
+    spreads = sweep.sweep_spreads(points + [seed])
     assert spreads[0]["splits"] == splits and spreads[0]["psnr"] == pytest.approx(0.5)
-    noisy = evaluate.fit_log_e([64, 128, 256, 512], [1.0, 3.0, 2.0, 5.0])
+    noisy = sweep.fit_log_e([64, 128, 256, 512], [1.0, 3.0, 2.0, 5.0])
     assert 0 < noisy["r2"] < 1
     pytest.importorskip("matplotlib")
-    assert evaluate.plot_sweep(str(tmp_path / "two.png"), points, fits) and (tmp_path / "two.png").stat().st_size
+    assert sweep.plot_sweep(str(tmp_path / "two.png"), points, fits) and (tmp_path / "two.png").stat().st_size
 
 
 def test_plot_is_optional_and_bad_inputs_fail(toys, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     pt = dict(ckpt="a.pt", p=8, E=64, image_size=32, num_frames=1, psnr=20.0)
-    assert not evaluate.plot_sweep(str(tmp_path / "x.png"), [pt], {})
+    assert not sweep.plot_sweep(str(tmp_path / "x.png"), [pt], {})
     assert not (tmp_path / "x.png").exists() and "pip install matplotlib" in capsys.readouterr().out
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
@@ -128,7 +130,7 @@ def test_plot_is_optional_and_bad_inputs_fail(toys, tmp_path, monkeypatch, capsy
     torch.save({"config": {"kind": "dit", "num_frames": 1}}, dit_like)
     # Every file is checked before any is evaluated: a bad last file fails before the first evaluation.
     monkeypatch.setattr(evaluate, "evaluate_tokenizer", lambda *a: pytest.fail("evaluated before checking all files"))
-    for bad, why in ((dit_like, "dit.pt is a dit checkpoint"), (tmp_path / "gone.pt", "gone.pt does not exist"),
+    for bad, why in ((dit_like, "dit.pt is a DiT checkpoint (train_dit.py), not a tokenizer"), (tmp_path / "gone.pt", "gone.pt does not exist"),
                      (junk, "junk.pt is not a vitok checkpoint")):
         with pytest.raises(SystemExit) as exit_info:
             run("--sweep", toys[0], bad, *FAST)

@@ -11,6 +11,7 @@ import data
 import evaluate
 import train_dit
 import vitok
+from runtime import UserError
 
 
 def run(tmp_path, ae_ckpt, *extra, name="dit.pt"):
@@ -32,7 +33,7 @@ def test_tiny_chain_writes_a_dit_checkpoint_with_its_latent_grid(tmp_path, ae_ck
 
 def test_killed_and_resumed_run_matches(tmp_path, ae_ckpt, monkeypatch):
     full = run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="full.pt")
-    undo = kill_at_step(monkeypatch, train_dit, 3)
+    undo = kill_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, ae_ckpt, "--steps", 4, "--ckpt-every", 2, name="resumed.pt")
     undo()
@@ -44,12 +45,12 @@ def test_killed_and_resumed_run_matches(tmp_path, ae_ckpt, monkeypatch):
 def test_latent_cache_holds_the_posterior_moments(tmp_path, ae_ckpt):
     cache = tmp_path / "cache"
     run(tmp_path, ae_ckpt, "--steps", 2, "--latent-cache", cache, "--data", "synthetic")
-    with pytest.raises(SystemExit, match="incomplete or from an older version"):  # a cache without mirrors is refused
+    with pytest.raises(UserError, match="incomplete or from an older version"):  # a cache without mirrors is refused
         meta = json.load(open(cache / "meta.json"))
         json.dump({**meta, "mirrored": False}, open(cache / "meta.json", "w"))
         train_dit.LatentCache(cache, meta)
     json.dump({**meta, "mirrored": True}, open(cache / "meta.json", "w"))
-    with pytest.raises(SystemExit, match="holds image_size 32, this run's is 64"):  # latents of other data: refused
+    with pytest.raises(UserError, match="holds image_size 32, this run's is 64"):  # latents of other data: refused
         train_dit.LatentCache(cache, {**meta, "image_size": 64})
     moments = np.load(cache / "moments.npy")
     labels = np.load(cache / "labels.npy")
@@ -83,7 +84,7 @@ def test_unlabelled_folder_trains_with_the_null_class(tmp_path, ae_ckpt, capsys)
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="train_ae.py --preset tiny"):
+    with pytest.raises(UserError, match="train_ae.py --preset tiny"):
         train_dit.resolve(train_dit.parse_args(["--preset", "tiny", "--ae-ckpt", str(tmp_path / "none.pt")]))
 
 

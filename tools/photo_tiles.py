@@ -1,8 +1,8 @@
 """Tiles of real photographs for the tokenizer's CPU demo: training tiles from some photos, test tiles from others.
 
     pip install scikit-image                                 # its bundled photos; matplotlib adds grace_hopper.jpg
-    python tests/photo_tiles.py photos                       # -> photos/train/*.png, photos/test/*.png
-    python tests/photo_tiles.py photos --photos DIR          # any folder of photos: every 4th file is held out
+    python tools/photo_tiles.py photos                       # -> photos/train/*.png, photos/test/*.png
+    python tools/photo_tiles.py photos --photos DIR          # any folder of photos: every 4th file is held out
     python train_ae.py --preset tiny --data photos/train && python evaluate.py --ckpt ae.pt --data photos/test
 
 Each photo is downscaled so that its short side is 64, 96, 128, 192 and 256 pixels, and cut into tiles on a grid:

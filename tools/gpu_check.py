@@ -1,9 +1,9 @@
 """Checks and times every full-scale path on one CUDA GPU, or the same code at tiny sizes on a CPU.
 
-    python tests/gpu_check.py                          # CUDA: the paper's sizes; prints one table
-    python tests/gpu_check.py --json gpu_check.json    # also writes the table as JSON (after every task)
-    python tests/gpu_check.py --only compile,DiT-L     # only the rows whose names contain one of these
-    python tests/gpu_check.py --tiny                   # tiny sizes (automatic without CUDA); the test suite runs this
+    python tools/gpu_check.py                          # CUDA: the paper's sizes; prints one table
+    python tools/gpu_check.py --json gpu_check.json    # also writes the table as JSON (after every task)
+    python tools/gpu_check.py --only compile,DiT-L     # only the rows whose names contain one of these
+    python tools/gpu_check.py --tiny                   # tiny sizes (automatic without CUDA); the test suite runs this
 
 Checks (PASS / FAIL / SKIPPED, each with its number): fused attention against the math kernel; bf16 against fp32 over
 20 stage-1 steps of train_ae.py; torch.compile against eager, and recompilations after warm-up (dynamo's counters);
@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import runtime  # noqa: E402
 import dit  # noqa: E402
 import losses  # noqa: E402
 import vitok  # noqa: E402
@@ -228,13 +229,6 @@ def size_of(cfg, batch=None):
     return f"{cfg['model']} {shape} b{batch}" + (" 1 block" if S.tiny else "")
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """train_ae.py's and train_dit.py's EMA: one lerp per parameter (their launch overhead is part of a step)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Replicas of one training step (train_ae.py stages 1 and 2, train_dit.py on cached latents) on a fixed batch
 # --------------------------------------------------------------------------------------------------------------
@@ -262,25 +256,25 @@ def build_ae_step(cfg, compiled, grad_ckpt):
     first = {}
 
     def step(i):
-        noise = torch.randn(noise_shape, generator=data.step_generator(0, i, dev), device=dev)
-        with data.autocast(dev, "bf16"):
+        noise = torch.randn(noise_shape, generator=runtime.step_generator(0, i, dev), device=dev)
+        with runtime.autocast(dev, "bf16"):
             x_hat, posterior = model_fwd(x, noise)
         loss = losses.mse_loss(x_hat, x) + 1e-3 * posterior.kl().mean()
         if lpips is not None:
             loss = loss + lpips(x_hat, x)
         if disc is not None:
             disc.requires_grad_(False)
-            with data.autocast(dev, "bf16"):
+            with runtime.autocast(dev, "bf16"):
                 g_adv = losses.g_adv_loss(disc_fwd(x_hat).float())
             loss = loss + 0.05 * losses.adv_weight(i) * g_adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_update(ema, model, min(0.9999, (1 + i) / (10 + i)))
+        runtime.update_ema(ema, model, runtime.ema_decay(i, 0.9999, 10))
         if disc is not None:
             disc.requires_grad_(True)
-            with data.autocast(dev, "bf16"):
+            with runtime.autocast(dev, "bf16"):
                 logits = disc_fwd(torch.cat([x, x_hat.detach()])).float()
             d_loss = losses.d_hinge_loss(*logits.chunk(2))
             d_opt.zero_grad(set_to_none=True)
@@ -313,7 +307,7 @@ def build_dit_step(cfg, compiled, grad_ckpt):
     first = {}
 
     def step(i):
-        gen = data.step_generator(0, i, dev)
+        gen = runtime.step_generator(0, i, dev)
         flip = torch.rand(B, generator=gen, device=dev) < 0.5
         posterior_noise = torch.randn(B, L, c, generator=gen, device=dev)
         t = torch.randint(0, dit.NUM_TIMESTEPS, (B,), generator=gen, device=dev)
@@ -329,13 +323,13 @@ def build_dit_step(cfg, compiled, grad_ckpt):
                 first["out"] = out.detach().float().cpu()
             return out
 
-        with data.autocast(dev, "bf16"):
+        with runtime.autocast(dev, "bf16"):
             loss = dit.training_losses(model_fn, z, y, t, noise)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         opt.step()
-        ema_update(ema, model, min(0.9999, (1 + i) / (10 + i)))
+        runtime.update_ema(ema, model, runtime.ema_decay(i, 0.9999, 10))
         if i == 0:
             first["grad_norm"] = grad_norm.detach().float().cpu()
 
@@ -466,7 +460,7 @@ def random_vgg_if_absent():
         yield
         return
     real = losses.LPIPS
-    losses.LPIPS = lambda pretrained=True: real(pretrained=False)
+    losses.LPIPS = lambda pretrained=True, **options: real(pretrained=False, **options)
     try:
         yield
     finally:
@@ -715,7 +709,7 @@ def encode_row(table, compiled):
 
     @torch.no_grad()
     def step():
-        with data.autocast(S.device, "bf16"):
+        with runtime.autocast(S.device, "bf16"):
             posterior = encode(x)
         return torch.cat([posterior.mean, posterior.logvar], -1).cpu()  # [B,L,2c]
 
@@ -741,7 +735,7 @@ def sample_row(table, compiled):
 
     @torch.no_grad()
     def generate(steps):
-        with data.autocast(S.device, "bf16"):
+        with runtime.autocast(S.device, "bf16"):
             latents = dit.sample(fwd, z, y, steps=steps, cfg_scale=1.5)
             return ae.decode(latents, (ae_cfg["size"], ae_cfg["size"]))
 
@@ -869,7 +863,7 @@ def parse_args(argv=None):
 def main(args):
     if args.worker:
         return worker(args.worker)
-    _, _, device = data.setup_distributed()  # the scripts' own setup: the GPU and TF32 matmuls on CUDA
+    _, _, device = runtime.setup_distributed()  # the scripts' own setup: the GPU and TF32 matmuls on CUDA
     tiny = args.tiny or device.type != "cuda"
     S.__dict__.update(device=device, tiny=tiny, configs=TINY if tiny else FULL, t0=time.time(),
                       backend=args.compile_backend or ("eager" if tiny else "inductor"),

@@ -4,7 +4,7 @@ Trains a small CNN on the synthetic images, checks it on held-out synthetic imag
 samples of a train_dit.py checkpoint on synthetic data and prints their accuracy against chance (10%).
 
     python train_ae.py --preset tiny && python train_dit.py --preset tiny
-    python tests/class_accuracy.py --ckpt dit.pt
+    python tools/class_accuracy.py --ckpt dit.pt
 """
 import argparse
 import os
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import dit  # noqa: E402
+import runtime  # noqa: E402
 import vitok  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main():
     p.add_argument("--train-steps", type=int, default=300, help="classifier steps")
     args = p.parse_args()
     torch.manual_seed(0)
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    ckpt = runtime.read_checkpoint(args.ckpt, kind="dit")
     config = ckpt["config"]
     if config["data"] != "synthetic" or config["num_frames"] != 1:
         raise SystemExit(f"{args.ckpt} was not trained on synthetic images")
@@ -67,7 +68,7 @@ def main():
     print(f"classifier: {real_acc:.1%} on 500 held-out synthetic images ({time.time() - start:.0f}s)")
 
     ae = vitok.from_checkpoint(config["ae_ckpt"])
-    model = dit.from_checkpoint(args.ckpt, state=ckpt)
+    model = dit.from_checkpoint(ckpt, name=args.ckpt)
     y = torch.arange(10).repeat_interleave(args.per_class)
     L = config["grid"][0] * config["grid"][1] * config["grid"][2]
     z = torch.randn(len(y), L, config["channels"], generator=torch.Generator().manual_seed(1))
