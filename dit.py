@@ -1,12 +1,13 @@
 """DiT on ViTok latents (§3.3, §4.3) and the Gaussian diffusion it is trained and sampled with.
 
-    x [B,L,c] latent tokens -> Linear(c -> D) -> adaLN-Zero blocks (timestep + class) -> [B,L,2c] (epsilon, v)
+    x [B,L,c] latent tokens -> Linear(c -> D) -> adaLN-Zero blocks (timestep + class)
+        -> [B,L,2c] (epsilon, v)
 
-The DiT of Peebles & Xie (2023) with the tokenizer's Llama-style parts, as the paper does: each of the L latent tokens
-is one DiT token (no patchify), and attention with 3D RoPE over the latent grid and SwiGLU come from vitok.py. The
-model predicts epsilon and the variance interpolation v ("learned sigma"), is trained with L_hybrid = L_simple + L_vb
-(Nichol & Dhariwal 2021, "IDDPM") and sampled with DDIM (Song et al. 2021) and classifier-free guidance (Ho &
-Salimans 2022).
+The DiT of Peebles & Xie (2023) with the tokenizer's Llama-style parts, as the paper does: each of
+the L latent tokens is one DiT token (no patchify), and attention with 3D RoPE over the latent grid
+and SwiGLU come from vitok.py. The model predicts epsilon and the variance interpolation v
+("learned sigma"), is trained with L_hybrid = L_simple + L_vb (Nichol & Dhariwal 2021, "IDDPM")
+and sampled with DDIM (Song et al. 2021) and classifier-free guidance (Ho & Salimans 2022).
 """
 import math
 from functools import lru_cache, partial
@@ -21,9 +22,9 @@ import runtime
 from vitok import Attention, SwiGLU, rope_table
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # The model
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 def modulate(x, shift, scale):
     """adaLN: x [B,L,D] with per-sample shift and scale [B,D]."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -39,21 +40,27 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(self.max_period)
+                          * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs  # [B, half]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+                        .to(self.mlp[0].weight.dtype))
 
 
 class DiTBlock(nn.Module):
-    """x += gate1 * Attn(adaLN(x)); x += gate2 * MLP(adaLN(x)): shift, scale and gate regressed from the conditioning
-    and zero-initialised, so that the block starts as the identity (adaLN-Zero, DiT §3.2)."""
+    """x += gate1 * Attn(adaLN(x)); x += gate2 * MLP(adaLN(x)): shift, scale and gate regressed
+    from the conditioning and zero-initialised, so that the block starts as the identity
+    (adaLN-Zero, DiT §3.2)."""
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # adaLN supplies the affine part
-        self.attn = Attention(dim, heads)  # bias-free qkv (DiT's timm block has a qkv bias): the tokenizer's block
+        # adaLN supplies the affine part
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        # the tokenizer's block: bias-free qkv (DiT's timm block has a qkv bias)
+        self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(dim, int(2.67 * dim))  # the paper's SwiGLU at the tokenizer's width ratio, not GELU 4x
+        # the paper's SwiGLU at the tokenizer's width ratio, not GELU 4x
+        self.mlp = SwiGLU(dim, int(2.67 * dim))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, cos, sin):
@@ -64,26 +71,29 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional DiT on a (t,h,w) grid of latent tokens with c channels; label num_classes is the null class.
+    """Class-conditional DiT on a (t,h,w) grid of latent tokens with c channels; label num_classes
+    is the null class.
 
-    Class dropout lives outside the model (drop_labels, which train_dit.py calls with its per-step random draws), not
-    in DiT's LabelEmbedder.
+    Class dropout lives outside the model (drop_labels, which train_dit.py calls with its per-step
+    random draws), not in DiT's LabelEmbedder.
     """
 
-    def __init__(self, channels=16, grid=(1, 16, 16), num_classes=1000, width=1024, depth=24, heads=16,
-                 grad_ckpt=False):
+    def __init__(self, channels=16, grid=(1, 16, 16), num_classes=1000, width=1024, depth=24,
+                 heads=16, grad_ckpt=False):
         super().__init__()
         self.channels, self.grid, self.num_classes = channels, tuple(grid), num_classes
         self.width, self.heads, self.grad_ckpt = width, heads, grad_ckpt
         self.x_embed = nn.Linear(channels, width)  # one token per latent token: no patchify (§3.3)
         self.t_embed = TimestepEmbedder(width)
-        self.y_embed = nn.Embedding(num_classes + 1, width)  # + the null class for classifier-free guidance
+        # + 1: the null class for classifier-free guidance
+        self.y_embed = nn.Embedding(num_classes + 1, width)
         self.blocks = nn.ModuleList([DiTBlock(width, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, 2 * channels)  # epsilon and v (learned sigma)
-        # DiT's init: xavier-uniform linears with zero bias, N(0, 0.02) for the label table and the timestep MLP, and
-        # zero modulation and output layers, so that each block starts as the identity and the output at zero.
+        # DiT's init: xavier-uniform linears with zero bias, N(0, 0.02) for the label table and the
+        # timestep MLP, and zero modulation and output layers, so that each block starts as the
+        # identity and the output at zero.
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -97,8 +107,10 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, t, y):
-        """x [B,L,c] noisy latents (L = t*h*w in raster order), t [B] timesteps, y [B] labels -> [B,L,2c]."""
-        cos, sin = rope_table(self.grid, self.width // self.heads, x.device)  # 3D RoPE over the latent grid
+        """x [B,L,c] noisy latents (L = t*h*w in raster order), t [B] timesteps, y [B] labels
+        -> [B,L,2c]."""
+        # 3D RoPE over the latent grid
+        cos, sin = rope_table(self.grid, self.width // self.heads, x.device)
         h = self.x_embed(x)  # [B,L,D]; no absolute position embedding: RoPE carries position
         c = self.t_embed(t) + self.y_embed(y)  # [B,D]
         for block in self.blocks:
@@ -110,7 +122,8 @@ class DiT(nn.Module):
         return self.out(modulate(self.norm(h), shift, scale))  # [B,L,2c]
 
 
-# Sizes (DiT Table 1): B 768/12/12, L 1024/24/16 (458.0M with c=16; the paper's "400M"), XL 1152/28/16 (675.1M); tiny is ours.
+# Sizes (DiT Table 1), as width/depth/heads: B 768/12/12, L 1024/24/16 (458.0M with c=16; the
+# paper's "400M"), XL 1152/28/16 (675.1M); tiny is ours.
 DiT_models = {
     "DiT-B": partial(DiT, width=768, depth=12, heads=12),
     "DiT-L": partial(DiT, width=1024, depth=24, heads=16),
@@ -119,19 +132,22 @@ DiT_models = {
 }
 
 def drop_labels(y, num_classes, u, prob=0.1):
-    """Class dropout for classifier-free guidance (DiT's 0.1): label y_i [B] becomes the null class num_classes where
-    its uniform draw u_i < prob; unlabelled samples (y < 0) always do. The training script draws u from its per-step
-    generator like every other random number of a step."""
+    """Class dropout for classifier-free guidance (DiT's 0.1): label y_i [B] becomes the null class
+    num_classes where its uniform draw u_i < prob; unlabelled samples (y < 0) always do. The
+    training script draws u from its per-step generator like every other random number of a
+    step."""
     return torch.where((u < prob) | (y < 0), torch.full_like(y, num_classes), y)
 
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
-    """The model's output [B,L,2c] for x [B,L,c], t [B], labels y [B] under classifier-free guidance:
-    eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with s = 1 + w), v from the conditional half (as DiT).
+    """The model's output [B,L,2c] for x [B,L,c], t [B], labels y [B] under classifier-free
+    guidance: eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with s = 1 + w), v from
+    the conditional half (as DiT).
 
-    The conditional and unconditional halves run as one doubled batch; scale 1 is one plain conditional call. A
-    function rather than DiT's method, so that it also runs a torch.compile'd model. DiT guides only the first 3
-    channels "for exact reproducibility"; we guide all c epsilon channels, the standard form (README, Differences).
+    The conditional and unconditional halves run as one doubled batch; scale 1 is one plain
+    conditional call. A function rather than DiT's method, so that it also runs a torch.compile'd
+    model. DiT guides only the first 3 channels "for exact reproducibility"; we guide all c epsilon
+    channels, the standard form (README, Differences).
     """
     if cfg_scale == 1.0:
         return model(x, t, y).float()
@@ -142,18 +158,19 @@ def forward_with_cfg(model, x, t, y, cfg_scale):
     return torch.cat([uncond + cfg_scale * (cond - uncond), v.chunk(2)[0]], dim=-1)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Gaussian diffusion: DDPM's linear beta schedule, epsilon prediction, learned variance (IDDPM)
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 NUM_TIMESTEPS = 1000
 
 
 @lru_cache(maxsize=None)
 def schedule(device="cpu"):
-    """The float64 tables [1000] on a device, built once per device (an upload per step would stall the GPU).
-    abar_t = prod_{s<=t} (1 - beta_s); post_logvar is log beta~_t (IDDPM Eq. 12) with t=0 (beta~_0 = 0) clipped to
-    log beta~_1, as IDDPM."""
-    betas = torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64, device=device)  # DDPM's linear schedule
+    """The float64 tables [1000] on a device, built once per device (an upload per step would stall
+    the GPU). abar_t = prod_{s<=t} (1 - beta_s); post_logvar is log beta~_t (IDDPM Eq. 12) with
+    t=0 (beta~_0 = 0) clipped to log beta~_1, as IDDPM."""
+    # DDPM's linear schedule
+    betas = torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64, device=device)
     abar = torch.cumprod(1.0 - betas, dim=0)
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
@@ -182,9 +199,10 @@ def q_posterior(x0, xt, t):
 
 
 def p_mean_logvar(eps, v, xt, t):
-    """The model's p(x_{t-1} | x_t): the posterior mean (Eq. 11) at x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
-    Eq. 9 solved for x0 (the same mean as IDDPM Eq. 13), and log sigma^2 = frac log beta_t + (1 - frac) log beta~_t
-    (IDDPM Eq. 15) with frac = (v + 1) / 2: the network outputs v in about [-1, 1], IDDPM's "learned range"."""
+    """The model's p(x_{t-1} | x_t): the posterior mean (Eq. 11) at
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 9 solved for x0 (the same mean as IDDPM
+    Eq. 13), and log sigma^2 = frac log beta_t + (1 - frac) log beta~_t (IDDPM Eq. 15) with
+    frac = (v + 1) / 2: the network outputs v in about [-1, 1], IDDPM's "learned range"."""
     s = schedule(xt.device)
     abar = s.abar[t]
     x0 = _coef(abar.rsqrt(), xt) * xt - _coef((1.0 / abar - 1.0).sqrt(), xt) * eps
@@ -195,34 +213,40 @@ def p_mean_logvar(eps, v, xt, t):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log of the mass a Gaussian (mean, std e^log_scale) puts on x's 8-bit bin of [-1,1] (DDPM §3.3, the decoder
-    L_0), elementwise; the edge bins extend to -inf and +inf. Our latents are continuous and unbounded, not 8-bit
-    pixels: DiT applies this term at t=0 to its latents regardless, and we follow DiT (README, Differences).
+    """log of the mass a Gaussian (mean, std e^log_scale) puts on x's 8-bit bin of [-1,1] (DDPM
+    §3.3, the decoder L_0), elementwise; the edge bins extend to -inf and +inf. Our latents are
+    continuous and unbounded, not 8-bit pixels: DiT applies this term at t=0 to its latents
+    regardless, and we follow DiT (README, Differences).
 
-    Unlike IDDPM (a tanh approximation of the normal CDF, differences of CDFs near 1) every mass is taken in the
-    lower tail, by the bins' symmetry about the mean, with erfc: fp32 keeps its digits there. Floored at 1e-12 as
-    IDDPM."""
+    Unlike IDDPM (a tanh approximation of the normal CDF, differences of CDFs near 1) every mass is
+    taken in the lower tail, by the bins' symmetry about the mean, with erfc: fp32 keeps its digits
+    there. Floored at 1e-12 as IDDPM."""
     cdf = lambda u: 0.5 * torch.erfc(-u / math.sqrt(2.0))  # noqa: E731, Phi(u), accurate for u << 0
     inv_std, d = torch.exp(-log_scale), x - mean
     log_bottom = torch.log(cdf(inv_std * (d + 1 / 255)).clamp(min=1e-12))  # (-inf, x + 1/255]
     log_top = torch.log(cdf(-inv_std * (d - 1 / 255)).clamp(min=1e-12))  # [x - 1/255, inf)
-    near = -d.abs()  # [x - 1/255, x + 1/255] has the mass of [-|d| - 1/255, -|d| + 1/255] about the mean
-    log_bin = torch.log((cdf(inv_std * (near + 1 / 255)) - cdf(inv_std * (near - 1 / 255))).clamp(min=1e-12))
+    # [x - 1/255, x + 1/255] has the mass of [-|d| - 1/255, -|d| + 1/255] about the mean
+    near = -d.abs()
+    log_bin = torch.log((cdf(inv_std * (near + 1 / 255))
+                         - cdf(inv_std * (near - 1 / 255))).clamp(min=1e-12))
     return torch.where(x < -0.999, log_bottom, torch.where(x > 0.999, log_top, log_bin))
 
 
 def training_losses(model, x0, y, t=None, noise=None):
-    """L_hybrid = L_simple + L_vb (IDDPM §3.1, Eq. 16) for latents x0 [B,L,c] with labels y [B] (class dropout
-    already applied) at timesteps t [B] (default: uniform in [0, 1000)) with noise [B,L,c] (default: N(0, I)).
+    """L_hybrid = L_simple + L_vb (IDDPM §3.1, Eq. 16) for latents x0 [B,L,c] with labels y [B]
+    (class dropout already applied) at timesteps t [B] (default: uniform in [0, 1000)) with noise
+    [B,L,c] (default: N(0, I)).
 
-    L_simple is the MSE on epsilon. L_vb, in bits per dimension, is KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for
-    t > 0 and the decoder NLL -log p(x0|x1) at t = 0, with the predicted mean stopped so that L_vb only trains the
-    variance (IDDPM §3.1). Its weight is 1, as DiT's: IDDPM's lambda = 0.001 weighs L_vb summed over the 1000 terms,
-    and one uniformly drawn term estimates that sum / 1000. Both terms are means over tokens and channels.
+    L_simple is the MSE on epsilon. L_vb, in bits per dimension, is
+    KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the decoder NLL -log p(x0|x1) at t = 0,
+    with the predicted mean stopped so that L_vb only trains the variance (IDDPM §3.1). Its weight
+    is 1, as DiT's: IDDPM's lambda = 0.001 weighs L_vb summed over the 1000 terms, and one
+    uniformly drawn term estimates that sum / 1000. Both terms are means over tokens and channels.
     Returns batch means {"loss", "mse", "vb"}.
     """
     x0 = x0.float()
@@ -234,18 +258,20 @@ def training_losses(model, x0, y, t=None, noise=None):
     true_mean, true_logvar = q_posterior(x0, xt, t)
     mean, logvar = p_mean_logvar(eps.detach(), v, xt, t)  # stop-gradient on the mean
     kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=(1, 2)) / math.log(2.0)
-    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=(1, 2)) / math.log(2.0)
+    nll = (-discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=(1, 2))
+           / math.log(2.0))
     vb = torch.where(t == 0, nll, kl)  # [B]
     return {"loss": (mse + vb).mean(), "mse": mse.mean(), "vb": vb.mean()}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Sampling: DDIM over respaced timesteps with classifier-free guidance
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 def respaced_timesteps(steps, num_timesteps=NUM_TIMESTEPS):
-    """floor(i * 1000 / steps) for i < steps: {0, 4, ..., 996} for 250 steps, IDDPM's "ddim250" respacing (a stride
-    that divides 1000; DiT's plain "250" rounds i * 999 / 249 instead and ends at 999). The two agree whenever steps
-    divides 1000; otherwise IDDPM's "ddimN" may have no solution and this stays evenly spaced."""
+    """floor(i * 1000 / steps) for i < steps: {0, 4, ..., 996} for 250 steps, IDDPM's "ddim250"
+    respacing (a stride that divides 1000; DiT's plain "250" rounds i * 999 / 249 instead and ends
+    at 999). The two agree whenever steps divides 1000; otherwise IDDPM's "ddimN" may have no
+    solution and this stays evenly spaced."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
     return [i * num_timesteps // steps for i in range(steps)]
@@ -253,24 +279,29 @@ def respaced_timesteps(steps, num_timesteps=NUM_TIMESTEPS):
 
 @torch.no_grad()
 def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
-    """DDIM (Song et al. 2021, Eq. 12) from noise z [B,L,c] with labels y [B] -> latents [B,L,c] (fp32).
+    """DDIM (Song et al. 2021, Eq. 12): noise z [B,L,c], labels y [B] -> latents [B,L,c] (fp32).
 
-    Over the respaced chain tau = respaced_timesteps(steps), with abar_{tau_{-1}} = 1 so that the last step returns
-    the predicted x0, and sigma_i = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev) (DDIM Eq. 16);
-    eta = 0 is deterministic. The model sees the original timestep indices (as DiT's respacing wrapper gives it).
-    DDIM uses epsilon only: the learned variance would matter for ancestral (DDPM) sampling, which the paper does not
-    use. No x0 clipping: latents are unbounded, unlike pixels in [-1, 1].
+    Over the respaced chain tau = respaced_timesteps(steps), with abar_{tau_{-1}} = 1 so that the
+    last step returns the predicted x0, and
+    sigma_i = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev) (DDIM Eq. 16);
+    eta = 0 is deterministic. The model sees the original timestep indices (as DiT's respacing
+    wrapper gives it). DDIM uses epsilon only: the learned variance would matter for ancestral
+    (DDPM) sampling, which the paper does not use. No x0 clipping: latents are unbounded, unlike
+    pixels in [-1, 1].
     """
     timesteps = respaced_timesteps(steps)
-    abar = schedule("cpu").abar[timesteps].tolist()  # float64 Python floats: no device syncs in the loop
+    # float64 Python floats: no device syncs in the loop
+    abar = schedule("cpu").abar[timesteps].tolist()
     x = z.float()
     for i in tqdm(reversed(range(steps)), total=steps, disable=not progress, desc="DDIM"):
         t = torch.full((x.shape[0],), timesteps[i], dtype=torch.long, device=x.device)
         a, a_prev = abar[i], abar[i - 1] if i > 0 else 1.0
         eps = forward_with_cfg(model, x, t, y, cfg_scale)[..., :x.shape[-1]]  # [B,L,c]
-        x0 = (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)  # the predicted x0 (DDIM Eq. 12, first term)
+        # the predicted x0 (DDIM Eq. 12, first term)
+        x0 = (x - math.sqrt(1.0 - a) * eps) / math.sqrt(a)
         sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
-        x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev - sigma ** 2) * eps  # "direction pointing to x_t"
+        # the second term is DDIM's "direction pointing to x_t"
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev - sigma ** 2) * eps
         if sigma > 0:
             x = x + sigma * torch.randn_like(x)
     return x

@@ -1,11 +1,11 @@
 """Evaluate tokenizers and generators as the paper does (§4); the protocol's choices are in the
 README's Differences.
 
-    python evaluate.py --ckpt ae.pt --data /datasets/imagenet/val --json ae.json  # PSNR SSIM LPIPS rFID
+    python evaluate.py --ckpt ae.pt --data /datasets/imagenet/val --json ae.json  # PSNR SSIM rFID
     torchrun --nproc_per_node=8 evaluate.py --ckpt vae.pt --data /datasets/ucf101 \
         --split-file testlist01                                                   # + rFVD
-    python evaluate.py --ckpt dit.pt --ref VIRTUAL_imagenet256_labeled.npz        # gFID gIS (+ gFVD)
-    python evaluate.py --data /datasets/imagenet/train --save-ref imagenet_ref.npz  # reference stats
+    python evaluate.py --ckpt dit.pt --ref VIRTUAL_imagenet256_labeled.npz        # gFID gIS
+    python evaluate.py --data /datasets/imagenet/train --save-ref imagenet_ref.npz  # reference
     python evaluate.py --sweep sweep_*.pt --data deadleaves --plot scaling.png      # Fig. 3
 
 Pretrained networks are the field's standard files (same names, URLs and keys as the standard

@@ -18,8 +18,9 @@ SWEEP_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": 
 
 
 def sweep_point(path, config, step, size, source, results, n):
-    """One row of the table: the bottleneck of a tokenizer (its checkpoint's config) evaluated at
-    `size` (patch p, tubelet q, channels c, tokens L, E = L*c floats) and its metrics on `source`."""
+    """One row of the table: the bottleneck of a tokenizer (its checkpoint's config) evaluated
+    at `size` (patch p, tubelet q, channels c, tokens L, E = L*c floats), its metrics on
+    `source`."""
     with torch.device("meta"):  # the shapes only: no memory, no initialisation
         model = vitok.from_name(config["model"], channels=config["channels"])
     t, h, w = model.grid((config["num_frames"], size, size))

@@ -1,5 +1,5 @@
-"""Train the ViTok tokenizer (§3.2, App. A): stage 1 (MSE + KL + LPIPS), then stage 2 (+ GAN, decoder
-only).
+"""Train the ViTok tokenizer (§3.2, App. A): stage 1 (MSE + KL + LPIPS), then stage 2 (+ GAN,
+decoder only).
 
     python train_ae.py --preset tiny                      # CPU demo, a few minutes, writes ae.pt
     torchrun --nproc_per_node=8 train_ae.py --stage 1 --data /datasets/imagenet/train --ckpt s1.pt

@@ -1,9 +1,10 @@
-"""ViTok: a Vision Transformer tokenizer (Hansen-Estruch et al., ICML 2025, arXiv 2501.09755, §3.1).
+"""ViTok: Vision Transformer tokenizer (Hansen-Estruch et al., ICML 2025, arXiv 2501.09755, §3.1).
 
-    x [B,3,T,H,W] -> tubelets -> ViT encoder -> KL bottleneck z [B,L,c] -> ViT decoder -> tubelets -> x_hat
+    x [B,3,T,H,W] -> tubelets -> ViT encoder -> KL bottleneck z [B,L,c]
+                  -> ViT decoder -> tubelets -> x_hat
 
-Names follow the paper: "S-B/16" is an S encoder, a B decoder and 16x16 patches; "S-B/4x8" is the video model
-with 4x8x8 tubelets. An image is a one-frame video, so one code path serves both.
+Names follow the paper: "S-B/16" is an S encoder, a B decoder and 16x16 patches; "S-B/4x8" is the
+video model with 4x8x8 tubelets. An image is a one-frame video, so one code path serves both.
 """
 import re
 
@@ -14,8 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 import runtime
 
-# Transformer sizes (paper Table 1). S is not ViT-S: the paper widens it to 768 and halves the depth; L is 1152
-# wide so that its 72-dim heads split evenly over the three RoPE axes. T is ours: a tiny size for CPU demos/tests.
+# Transformer sizes (paper Table 1). S is not ViT-S: the paper widens it to 768 and halves the
+# depth; L is 1152 wide so that its 72-dim heads split evenly over the three RoPE axes. T is ours:
+# a tiny size for CPU demos/tests.
 VIT_SIZES = {
     "T": dict(width=128, depth=4, heads=2),
     "S": dict(width=768, depth=6, heads=12),
@@ -25,13 +27,14 @@ VIT_SIZES = {
 ALIASES = {"tiny": "T-T/16"}  # the model of train_ae.py --preset tiny
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # 3D axial rotary position embedding (§3.1, "3D RoPE")
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 def rope_split(head_dim):
-    """How many rotation pairs each axis (t, h, w) gets. Equal thirds when head_dim/2 divides by 3 (L: 12/12/12
-    pairs); otherwise 1/4 of the pairs for time and 3/8 for each spatial axis (64-dim heads: 8/12/12 pairs, i.e.
-    16/24/24 channels), because images, the t=0 case, only use the spatial pairs."""
+    """How many rotation pairs each axis (t, h, w) gets. Equal thirds when head_dim/2 divides by 3
+    (L: 12/12/12 pairs); otherwise 1/4 of the pairs for time and 3/8 for each spatial axis (64-dim
+    heads: 8/12/12 pairs, i.e. 16/24/24 channels), because images, the t=0 case, only use the
+    spatial pairs."""
     pairs = head_dim // 2
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
@@ -45,26 +48,34 @@ _ROPE_CACHE = {}
 
 
 def rope_table(grid, head_dim, device, theta=10000.0):
-    """cos and sin [L, head_dim/2] for a (t,h,w) token grid in raster order; fp32, built once per grid.
+    """cos and sin [L, head_dim/2] for a (t,h,w) token grid in raster order; fp32, built once per
+    grid, directly on `device`.
 
-    Pair j of a head rotates channels (j, j + head_dim/2) by angle pos_axis(j) * theta^(-2k/n_axis), where the
-    first pairs belong to t, then h, then w. Scores q.k then depend only on the offsets along each axis.
+    Pair j of a head rotates channels (j, j + head_dim/2) by angle pos_axis(j) * theta^(-2k/n_axis),
+    where the first pairs belong to t, then h, then w. Scores q.k then depend only on the offsets
+    along each axis.
     """
     key = (tuple(grid), head_dim, theta, str(device))
     if torch.compiler.is_compiling() or key not in _ROPE_CACHE:  # this order: no guard on the dict
-        # Under torch.compile the table is built inside the graph: a guard on this dict would recompile the model
-        # once after the first call has filled it.
+        # Under torch.compile the table is built inside the graph: a guard on this dict would
+        # recompile the model once after the first call has filled it. So it is built on `device`
+        # itself: a table built on the CPU would cost a blocking host-to-device copy every forward.
+        # The angles are computed in fp64, except on MPS, which has no fp64; the table is fp32.
+        device = torch.device(device)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
         angles = []
         for size, n in zip(grid, rope_split(head_dim)):
-            freqs = theta ** (-torch.arange(0, n, dtype=torch.float64) / n)  # [n]
-            angles.append(torch.arange(size, dtype=torch.float64)[:, None] * freqs)  # [size, n]
+            freqs = theta ** (-torch.arange(0, n, dtype=dtype, device=device) / n)  # [n]
+            pos = torch.arange(size, dtype=dtype, device=device)
+            angles.append(pos[:, None] * freqs)  # [size, n]
         t, h, w = grid
-        angle = torch.cat([  # broadcast each axis over the grid, then flatten in (t,h,w) raster order
+        # Broadcast each axis over the grid, then flatten in (t,h,w) raster order.
+        angle = torch.cat([
             angles[0][:, None, None, :].expand(t, h, w, -1),
             angles[1][None, :, None, :].expand(t, h, w, -1),
             angles[2][None, None, :, :].expand(t, h, w, -1),
         ], dim=-1).reshape(t * h * w, head_dim // 2)  # [L, head_dim/2]
-        table = (angle.cos().float().to(device), angle.sin().float().to(device))
+        table = (angle.cos().float(), angle.sin().float())
         if torch.compiler.is_compiling():
             return table
         _ROPE_CACHE[key] = table
@@ -72,16 +83,17 @@ def rope_table(grid, head_dim, device, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x [B,heads,L,head_dim] by the table (cos, sin) [L, head_dim/2]; computed in fp32 (bf16-safe)."""
+    """Rotate x [B,heads,L,head_dim] by the table (cos, sin) [L, head_dim/2]; computed in fp32
+    (bf16-safe)."""
     x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Transformer (§3.1: "Llama-style" pre-norm blocks with SwiGLU and RoPE; LayerNorm as in the paper)
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused bias-free qkv, RoPE on q and k, and SDPA (flash on GPU)."""
+    """Multi-head self-attention: a fused bias-free qkv, RoPE on q and k, SDPA (flash on GPU)."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -94,15 +106,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         """x [B,L,D] -> [B,L,D]."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B,heads,L,Dh]
+        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B,heads,L,Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         x = F.scaled_dot_product_attention(q, k, v)  # [B,heads,L,Dh]
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(w1 x) * w2 x) with w1, w2 fused. The paper says SwiGLU; the official code silently uses a GELU gate.
-    hidden = int(2.67 * width) keeps the paper's parameter counts (about the 4x-MLP budget)."""
+    """w3(silu(w1 x) * w2 x) with w1, w2 fused. The paper says SwiGLU; the official code silently
+    uses a GELU gate. hidden = int(2.67 * width) keeps the paper's parameter counts (about the
+    4x-MLP budget)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -115,7 +129,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x += Attn(LN(x)); x += MLP(LN(x)). No dropout, drop-path or layer scale."""
+    """Pre-norm residual block: x += Attn(LN(x)); x += MLP(LN(x)).
+
+    No dropout, drop-path or layer scale.
+    """
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -130,7 +147,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks and a final LayerNorm; `grad_ckpt` recomputes each block in backward to save memory."""
+    """A stack of blocks and a final LayerNorm; `grad_ckpt` recomputes each block in backward to
+    save memory."""
 
     def __init__(self, width, depth, heads, grad_ckpt=False):
         super().__init__()
@@ -149,9 +167,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # KL bottleneck (§3.1, Eq. 1: L_AE = MSE + beta KL + eta LPIPS + lambda GAN)
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 class DiagonalGaussian:
     """Posterior q(z|x) = N(mean, exp(logvar)) per token and channel; mean, logvar [B,L,c]."""
 
@@ -164,8 +182,8 @@ class DiagonalGaussian:
         return torch.exp(0.5 * self.logvar)
 
     def sample(self, noise=None):
-        """z = mean + std * noise; noise [B,L,c] may be given (train_ae.py draws it per global batch so that a
-        run does not depend on the number of ranks)."""
+        """z = mean + std * noise; noise [B,L,c] may be given (train_ae.py draws it per global
+        batch so that a run does not depend on the number of ranks)."""
         noise = torch.randn_like(self.mean) if noise is None else noise.to(self.mean.dtype)
         return self.mean + self.std * noise
 
@@ -173,50 +191,58 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self):
-        """KL(q || N(0,I)) averaged over tokens and channels -> [B]. A mean, not LDM's sum (README, Differences): with
-        beta = 1e-3 the paper's regularisation strength only makes sense per element."""
+        """KL(q || N(0,I)) averaged over tokens and channels -> [B]. A mean, not LDM's sum (README,
+        Differences): with beta = 1e-3 the paper's regularisation strength only makes sense per
+        element."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).mean(dim=(1, 2))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # The tokenizer
-# --------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 class ViTok(nn.Module):
-    """Tubelet embedding -> encoder -> KL bottleneck -> decoder -> per-token linear head (§3.1, Fig. 2).
+    """Tubelet embedding -> encoder -> KL bottleneck -> decoder -> per-token linear head
+    (§3.1, Fig. 2).
 
-    The encoder and decoder keep their own widths: the official code gives both the decoder's width, but the
-    paper's parameter counts (Tables 3-5) only come out with separate widths.
+    The encoder and decoder keep their own widths: the official code gives both the decoder's
+    width, but the paper's parameter counts (Tables 3-5) only come out with separate widths.
     """
 
-    def __init__(self, encoder="S", decoder="B", channels=16, patch_size=16, tubelet_size=1, grad_ckpt=False):
+    def __init__(self, encoder="S", decoder="B", channels=16, patch_size=16, tubelet_size=1,
+                 grad_ckpt=False):
         super().__init__()
         enc, dec = VIT_SIZES[encoder], VIT_SIZES[decoder]
         self.channels, self.patch_size, self.tubelet_size = channels, patch_size, tubelet_size
         tubelet_dim = 3 * tubelet_size * patch_size * patch_size
-        # Tubelet embedding: kernel = stride = q x p x p, i.e. a linear map of each flattened tubelet.
+        # Tubelet embedding: kernel = stride = q x p x p, a linear map of each flattened tubelet.
         self.embed = nn.Linear(tubelet_dim, enc["width"])
         self.encoder = Transformer(enc["width"], enc["depth"], enc["heads"], grad_ckpt)
         self.to_moments = nn.Linear(enc["width"], 2 * channels)  # mean and log-variance
         self.from_latent = nn.Linear(channels, dec["width"])
         self.decoder = Transformer(dec["width"], dec["depth"], dec["heads"], grad_ckpt)
         self.head = nn.Linear(dec["width"], tubelet_dim)  # no output activation
-        for m in self.modules():  # xavier-uniform, zero bias (as the official code); LayerNorm (1, 0) is torch's default
+        # Xavier-uniform weights and zero biases, as the official code; LayerNorm's (1, 0) is
+        # torch's default.
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
     def grid(self, size):
-        """Token grid (t,h,w) for an input of size (T,H,W) or (H,W); refuses sizes the tubelet does not divide."""
+        """Token grid (t,h,w) for an input of size (T,H,W) or (H,W); refuses sizes the tubelet does
+        not divide."""
         size = (1, *size) if len(size) == 2 else tuple(size)
         tubelet = (self.tubelet_size, self.patch_size, self.patch_size)
         if any(s % k or s == 0 for s, k in zip(size, tubelet)):
-            raise runtime.UserError(f"input size {'x'.join(map(str, size))} (TxHxW) is not divisible by the tubelet "
-                             f"{'x'.join(map(str, tubelet))}; crop or resize it to a multiple")
+            raise runtime.UserError(f"input size {'x'.join(map(str, size))} (TxHxW) is not "
+                                    f"divisible by the tubelet {'x'.join(map(str, tubelet))}; "
+                                    "crop or resize it to a multiple")
         return tuple(s // k for s, k in zip(size, tubelet))
 
     def patchify(self, x):
-        """x [B,3,T,H,W] -> tubelets [B,L,3*q*p*p], in (t,h,w) raster order, flattened as (channel, q, p, p)."""
+        """x [B,3,T,H,W] -> tubelets [B,L,3*q*p*p], in (t,h,w) raster order, flattened as
+        (channel, q, p, p)."""
         B, C, T, H, W = x.shape
         q, p = self.tubelet_size, self.patch_size
         x = x.reshape(B, C, T // q, q, H // p, p, W // p, p)
@@ -233,7 +259,8 @@ class ViTok(nn.Module):
     def encode(self, x):
         """x [B,3,H,W] or [B,3,T,H,W] in [-1,1] -> posterior with mean, logvar [B,L,c]."""
         if x.dim() not in (4, 5) or x.shape[1] != 3:
-            raise ValueError(f"expected images [B,3,H,W] or videos [B,3,T,H,W], got shape {tuple(x.shape)}")
+            raise ValueError("expected images [B,3,H,W] or videos [B,3,T,H,W], "
+                             f"got shape {tuple(x.shape)}")
         x = x.unsqueeze(2) if x.dim() == 4 else x  # an image is a one-frame video
         grid = self.grid(x.shape[2:])
         tokens = self.encoder(self.embed(self.patchify(x)), grid)  # [B,L,D_enc]
@@ -243,34 +270,38 @@ class ViTok(nn.Module):
         """z [B,L,c] -> x_hat [B,3,H,W] when size = (H,W), or [B,3,T,H,W] when size = (T,H,W)."""
         grid = self.grid(size)
         if z.shape[1] != grid[0] * grid[1] * grid[2]:
-            raise ValueError(f"{z.shape[1]} latent tokens do not form the {grid} grid of an output of size {size}")
+            raise ValueError(f"{z.shape[1]} latent tokens do not form the {grid} grid "
+                             f"of an output of size {size}")
         x = self.decoder(self.from_latent(z.to(self.from_latent.weight.dtype)), grid)  # [B,L,D_dec]
         x = self.unpatchify(self.head(x), grid)  # [B,3,T,H,W]
         return x.squeeze(2) if len(size) == 2 else x
 
     def forward(self, x, noise=None):
-        """x [B,3,(T,)H,W] -> (x_hat with x's shape, posterior). z is sampled in training (with `noise` when given),
-        the mean in eval."""
+        """x [B,3,(T,)H,W] -> (x_hat with x's shape, posterior). z is sampled in training (with
+        `noise` when given), the mean in eval."""
         posterior = self.encode(x)
         z = posterior.sample(noise) if self.training else posterior.mode()
         return self.decode(z, x.shape[2:]), posterior
 
 
 def frames_to_batch(x):
-    """Video [B,3,T,H,W] -> frames [B*T,3,H,W] (clip-major: the frames of clip 0 come first); images pass unchanged.
-    Per-frame losses and metrics (LPIPS, the discriminator, PSNR/SSIM, Inception features) all fold frames this way."""
+    """Video [B,3,T,H,W] -> frames [B*T,3,H,W] (clip-major: the frames of clip 0 come first);
+    images pass unchanged. Per-frame losses and metrics (LPIPS, the discriminator, PSNR/SSIM,
+    Inception features) all fold frames this way."""
     return x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x
 
 
 def from_name(name, channels=16, **overrides):
-    """Build a tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny" (= "T-T/16").
-    overrides go to ViTok (e.g. grad_ckpt=True)."""
+    """Build a tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny"
+    (= "T-T/16"). overrides go to ViTok (e.g. grad_ckpt=True)."""
     match = re.fullmatch(r"([TSBL])-([TSBL])/(?:(\d+)x)?(\d+)", ALIASES.get(name, name))
     if match is None:
-        raise runtime.UserError(f"unknown tokenizer name {name!r}: expected <Enc>-<Dec>/<p> or <Enc>-<Dec>/<q>x<p> with "
-                         f"sizes from {sorted(VIT_SIZES)} (e.g. 'S-B/16', 'S-B/4x8'), or one of {sorted(ALIASES)}")
+        raise runtime.UserError(f"unknown tokenizer name {name!r}: expected <Enc>-<Dec>/<p> or "
+                                f"<Enc>-<Dec>/<q>x<p> with sizes from {sorted(VIT_SIZES)} "
+                                f"(e.g. 'S-B/16', 'S-B/4x8'), or one of {sorted(ALIASES)}")
     enc, dec, q, p = match.groups()
-    kwargs = dict(encoder=enc, decoder=dec, channels=channels, patch_size=int(p), tubelet_size=int(q or 1))
+    kwargs = dict(encoder=enc, decoder=dec, channels=channels, patch_size=int(p),
+                  tubelet_size=int(q or 1))
     return ViTok(**{**kwargs, **overrides})
 
 

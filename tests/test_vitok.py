@@ -197,3 +197,27 @@ def test_from_checkpoint_prefers_ema(tmp_path):
     with pytest.raises(ValueError, match="d.pt is a DiT checkpoint .*, not a tokenizer"):
         vitok.from_checkpoint(tmp_path / "d.pt")
     assert vitok.from_checkpoint(torch.load(tmp_path / "a.pt")).state_dict().keys() == ema.state_dict().keys()
+
+
+def test_rope_table_is_built_on_the_device_without_a_host_copy(monkeypatch):
+    # Under torch.compile the table is rebuilt inside the graph every forward, so a tensor made on
+    # the CPU there is a blocking host-to-device copy per forward on a GPU. "meta" stands in for it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.seen.add((str(func), t.device.type))
+            return out
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # bypass the cache
+    with Devices() as mode:
+        cos, sin = vitok.rope_table((2, 4, 4), 64, torch.device("meta"))
+    assert {device for _, device in mode.seen} == {"meta"}, sorted(mode.seen)
+    assert cos.shape == sin.shape == (32, 32) and cos.dtype == sin.dtype == torch.float32
