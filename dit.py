@@ -3,11 +3,11 @@
     x [B,L,c] latent tokens -> Linear(c -> D) -> adaLN-Zero blocks (timestep + class)
         -> [B,L,2c] (epsilon, v)
 
-The DiT of Peebles & Xie (2023) with the tokenizer's Llama-style parts, as the paper does: each of
-the L latent tokens is one DiT token (no patchify), and attention with 3D RoPE over the latent grid
-and SwiGLU come from vitok.py. The model predicts epsilon and the variance interpolation v
-("learned sigma"), is trained with L_hybrid = L_simple + L_vb (Nichol & Dhariwal 2021, "IDDPM")
-and sampled with DDIM (Song et al. 2021) and classifier-free guidance (Ho & Salimans 2022).
+The DiT of Peebles & Xie (2023) with the tokenizer's Llama-style parts, as the paper does: one DiT
+token per latent token (no patchify), attention with 3D RoPE and SwiGLU from vitok.py. It predicts
+epsilon and the variance interpolation v ("learned sigma"), is trained with L_hybrid = L_simple +
+L_vb (Nichol & Dhariwal 2021, "IDDPM") and sampled with DDIM (Song et al. 2021) and classifier-free
+guidance (Ho & Salimans 2022).
 """
 import math
 from functools import lru_cache, partial
@@ -22,9 +22,7 @@ import runtime
 from vitok import Attention, SwiGLU, rope_table
 
 
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
+# ---- The model ----
 def modulate(x, shift, scale):
     """adaLN: x [B,L,D] with per-sample shift and scale [B,D]."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -54,13 +52,10 @@ class DiTBlock(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        # adaLN supplies the affine part
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # the tokenizer's block: bias-free qkv (DiT's timm block has a qkv bias)
-        self.attn = Attention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # affine from adaLN
+        self.attn = Attention(dim, heads)  # bias-free qkv (DiT's timm block has a qkv bias)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # the paper's SwiGLU at the tokenizer's width ratio, not GELU 4x
-        self.mlp = SwiGLU(dim, int(2.67 * dim))
+        self.mlp = SwiGLU(dim, int(2.67 * dim))  # the paper's SwiGLU and ratio, not GELU 4x
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, cos, sin):
@@ -72,28 +67,22 @@ class DiTBlock(nn.Module):
 
 class DiT(nn.Module):
     """Class-conditional DiT on a (t,h,w) grid of latent tokens with c channels; label num_classes
-    is the null class.
-
-    Class dropout lives outside the model (drop_labels, which train_dit.py calls with its per-step
-    random draws), not in DiT's LabelEmbedder.
-    """
+    is the null class. Class dropout is drop_labels, outside the model, not DiT's LabelEmbedder."""
 
     def __init__(self, channels=16, grid=(1, 16, 16), num_classes=1000, width=1024, depth=24,
                  heads=16, grad_ckpt=False):
         super().__init__()
         self.channels, self.grid, self.num_classes = channels, tuple(grid), num_classes
         self.width, self.heads, self.grad_ckpt = width, heads, grad_ckpt
-        self.x_embed = nn.Linear(channels, width)  # one token per latent token: no patchify (§3.3)
+        self.x_embed = nn.Linear(channels, width)  # no patchify (§3.3)
         self.t_embed = TimestepEmbedder(width)
-        # + 1: the null class for classifier-free guidance
-        self.y_embed = nn.Embedding(num_classes + 1, width)
+        self.y_embed = nn.Embedding(num_classes + 1, width)  # + 1: the null class
         self.blocks = nn.ModuleList([DiTBlock(width, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, 2 * channels)  # epsilon and v (learned sigma)
         # DiT's init: xavier-uniform linears with zero bias, N(0, 0.02) for the label table and the
-        # timestep MLP, and zero modulation and output layers, so that each block starts as the
-        # identity and the output at zero.
+        # timestep MLP, and zero modulation and output layers (adaLN-Zero).
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -109,9 +98,8 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         """x [B,L,c] noisy latents (L = t*h*w in raster order), t [B] timesteps, y [B] labels
         -> [B,L,2c]."""
-        # 3D RoPE over the latent grid
         cos, sin = rope_table(self.grid, self.width // self.heads, x.device)
-        h = self.x_embed(x)  # [B,L,D]; no absolute position embedding: RoPE carries position
+        h = self.x_embed(x)  # [B,L,D]; no absolute positions: 3D RoPE carries them
         c = self.t_embed(t) + self.y_embed(y)  # [B,D]
         for block in self.blocks:
             if self.grad_ckpt and torch.is_grad_enabled():
@@ -122,8 +110,7 @@ class DiT(nn.Module):
         return self.out(modulate(self.norm(h), shift, scale))  # [B,L,2c]
 
 
-# Sizes (DiT Table 1), as width/depth/heads: B 768/12/12, L 1024/24/16 (458.0M with c=16; the
-# paper's "400M"), XL 1152/28/16 (675.1M); tiny is ours.
+# DiT Table 1 sizes: L has 458.0M parameters at c=16 (the paper's "400M"), XL 675.1M; tiny is ours.
 DiT_models = {
     "DiT-B": partial(DiT, width=768, depth=12, heads=12),
     "DiT-L": partial(DiT, width=1024, depth=24, heads=16),
@@ -133,22 +120,18 @@ DiT_models = {
 
 def drop_labels(y, num_classes, u, prob=0.1):
     """Class dropout for classifier-free guidance (DiT's 0.1): label y_i [B] becomes the null class
-    num_classes where its uniform draw u_i < prob; unlabelled samples (y < 0) always do. The
-    training script draws u from its per-step generator like every other random number of a
-    step."""
+    num_classes where its uniform draw u_i < prob (u from train_dit.py's per-step generator);
+    unlabelled samples (y < 0) always do."""
     return torch.where((u < prob) | (y < 0), torch.full_like(y, num_classes), y)
 
 
 def forward_with_cfg(model, x, t, y, cfg_scale):
     """The model's output [B,L,2c] for x [B,L,c], t [B], labels y [B] under classifier-free
     guidance: eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with s = 1 + w), v from
-    the conditional half (as DiT).
-
-    The conditional and unconditional halves run as one doubled batch; scale 1 is one plain
-    conditional call. A function rather than DiT's method, so that it also runs a torch.compile'd
-    model. DiT guides only the first 3 channels "for exact reproducibility"; we guide all c epsilon
-    channels, the standard form (README, Differences).
-    """
+    the conditional half (as DiT). Both halves run as one doubled batch; scale 1 is one plain call.
+    A function, not DiT's method, so that it also runs a torch.compile'd model. DiT guides only the
+    first 3 channels "for exact reproducibility"; we guide all c, the standard form (README,
+    Differences)."""
     if cfg_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
@@ -158,18 +141,15 @@ def forward_with_cfg(model, x, t, y, cfg_scale):
     return torch.cat([uncond + cfg_scale * (cond - uncond), v.chunk(2)[0]], dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Gaussian diffusion: DDPM's linear beta schedule, epsilon prediction, learned variance (IDDPM)
-# ---------------------------------------------------------------------------------------------
+# ---- Gaussian diffusion: linear betas (DDPM), epsilon prediction, learned variance (IDDPM) ----
 NUM_TIMESTEPS = 1000
 
 
 @lru_cache(maxsize=None)
 def schedule(device="cpu"):
-    """The float64 tables [1000] on a device, built once per device (an upload per step would stall
-    the GPU). abar_t = prod_{s<=t} (1 - beta_s); post_logvar is log beta~_t (IDDPM Eq. 12) with
-    t=0 (beta~_0 = 0) clipped to log beta~_1, as IDDPM."""
-    # DDPM's linear schedule
+    """The float64 tables [1000], built once per device (an upload per step would stall the GPU).
+    abar_t = prod_{s<=t} (1 - beta_s); post_logvar is log beta~_t (IDDPM Eq. 12) with t=0
+    (beta~_0 = 0) clipped to log beta~_1, as IDDPM."""
     betas = torch.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=torch.float64, device=device)
     abar = torch.cumprod(1.0 - betas, dim=0)
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
@@ -202,7 +182,7 @@ def p_mean_logvar(eps, v, xt, t):
     """The model's p(x_{t-1} | x_t): the posterior mean (Eq. 11) at
     x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), Eq. 9 solved for x0 (the same mean as IDDPM
     Eq. 13), and log sigma^2 = frac log beta_t + (1 - frac) log beta~_t (IDDPM Eq. 15) with
-    frac = (v + 1) / 2: the network outputs v in about [-1, 1], IDDPM's "learned range"."""
+    frac = (v + 1) / 2, v in about [-1, 1]: IDDPM's "learned range"."""
     s = schedule(xt.device)
     abar = s.abar[t]
     x0 = _coef(abar.rsqrt(), xt) * xt - _coef((1.0 / abar - 1.0).sqrt(), xt) * eps
@@ -219,10 +199,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """log of the mass a Gaussian (mean, std e^log_scale) puts on x's 8-bit bin of [-1,1] (DDPM
-    §3.3, the decoder L_0), elementwise; the edge bins extend to -inf and +inf. Our latents are
-    continuous and unbounded, not 8-bit pixels: DiT applies this term at t=0 to its latents
-    regardless, and we follow DiT (README, Differences).
-
+    §3.3, the decoder L_0), elementwise; the edge bins extend to -inf and +inf. Latents are not
+    8-bit pixels, but DiT applies this term at t=0 regardless, and so do we (README, Differences).
     Unlike IDDPM (a tanh approximation of the normal CDF, differences of CDFs near 1) every mass is
     taken in the lower tail, by the bins' symmetry about the mean, with erfc: fp32 keeps its digits
     there. Floored at 1e-12 as IDDPM."""
@@ -240,15 +218,12 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 def training_losses(model, x0, y, t=None, noise=None):
     """L_hybrid = L_simple + L_vb (IDDPM §3.1, Eq. 16) for latents x0 [B,L,c] with labels y [B]
     (class dropout already applied) at timesteps t [B] (default: uniform in [0, 1000)) with noise
-    [B,L,c] (default: N(0, I)).
-
-    L_simple is the MSE on epsilon. L_vb, in bits per dimension, is
+    [B,L,c] (default: N(0, I)). L_simple is the MSE on epsilon. L_vb, in bits per dimension, is
     KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the decoder NLL -log p(x0|x1) at t = 0,
     with the predicted mean stopped so that L_vb only trains the variance (IDDPM §3.1). Its weight
     is 1, as DiT's: IDDPM's lambda = 0.001 weighs L_vb summed over the 1000 terms, and one
     uniformly drawn term estimates that sum / 1000. Both terms are means over tokens and channels.
-    Returns batch means {"loss", "mse", "vb"}.
-    """
+    Returns batch means {"loss", "mse", "vb"}."""
     x0 = x0.float()
     t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), device=x0.device) if t is None else t
     noise = torch.randn_like(x0) if noise is None else noise.float()
@@ -256,7 +231,7 @@ def training_losses(model, x0, y, t=None, noise=None):
     eps, v = model(xt, t, y).float().chunk(2, dim=-1)  # [B,L,c] each
     mse = (noise - eps).pow(2).mean(dim=(1, 2))  # [B]
     true_mean, true_logvar = q_posterior(x0, xt, t)
-    mean, logvar = p_mean_logvar(eps.detach(), v, xt, t)  # stop-gradient on the mean
+    mean, logvar = p_mean_logvar(eps.detach(), v, xt, t)
     kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=(1, 2)) / math.log(2.0)
     nll = (-discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=(1, 2))
            / math.log(2.0))
@@ -264,14 +239,11 @@ def training_losses(model, x0, y, t=None, noise=None):
     return {"loss": (mse + vb).mean(), "mse": mse.mean(), "vb": vb.mean()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling: DDIM over respaced timesteps with classifier-free guidance
-# ---------------------------------------------------------------------------------------------
+# ---- Sampling: DDIM over respaced timesteps with classifier-free guidance ----
 def respaced_timesteps(steps, num_timesteps=NUM_TIMESTEPS):
     """floor(i * 1000 / steps) for i < steps: {0, 4, ..., 996} for 250 steps, IDDPM's "ddim250"
-    respacing (a stride that divides 1000; DiT's plain "250" rounds i * 999 / 249 instead and ends
-    at 999). The two agree whenever steps divides 1000; otherwise IDDPM's "ddimN" may have no
-    solution and this stays evenly spaced."""
+    (DiT's plain "250" rounds i * 999 / 249 and ends at 999). Equal to "ddimN" when steps divides
+    1000; otherwise "ddimN" may have no solution, and this stays evenly spaced."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
     return [i * num_timesteps // steps for i in range(steps)]
@@ -284,11 +256,9 @@ def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
     Over the respaced chain tau = respaced_timesteps(steps), with abar_{tau_{-1}} = 1 so that the
     last step returns the predicted x0, and
     sigma_i = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev) (DDIM Eq. 16);
-    eta = 0 is deterministic. The model sees the original timestep indices (as DiT's respacing
-    wrapper gives it). DDIM uses epsilon only: the learned variance would matter for ancestral
-    (DDPM) sampling, which the paper does not use. No x0 clipping: latents are unbounded, unlike
-    pixels in [-1, 1].
-    """
+    eta = 0 is deterministic. The model sees the original timestep indices (as under DiT's
+    respacing wrapper). Epsilon only: the learned variance serves ancestral (DDPM) sampling, which
+    the paper does not use. No x0 clipping: latents are unbounded."""
     timesteps = respaced_timesteps(steps)
     # float64 Python floats: no device syncs in the loop
     abar = schedule("cpu").abar[timesteps].tolist()
@@ -308,8 +278,8 @@ def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
 
 
 def from_checkpoint(ckpt, name=None):
-    """A DiT written by train_dit.py, from its path or its already-read dict: EMA weights when
-    present, eval mode, on CPU."""
+    """A DiT written by train_dit.py, from its path or read dict: EMA weights when present, eval
+    mode, on CPU."""
     name = name or str(ckpt)
     if not isinstance(ckpt, dict):
         ckpt = runtime.read_checkpoint(ckpt, kind="dit")

@@ -8,11 +8,9 @@ README's Differences.
     python evaluate.py --data /datasets/imagenet/train --save-ref imagenet_ref.npz  # reference
     python evaluate.py --sweep sweep_*.pt --data deadleaves --plot scaling.png      # Fig. 3
 
-Pretrained networks are the field's standard files (same names, URLs and keys as the standard
-tools); a metric whose network is missing is skipped with a message saying what to download and
-where, never estimated. Memory does not grow with the number of samples: metrics are running sums
-(of per-image values; count, sum x and sum x x^T of features; IS per split) summed over ranks at
-the end; each rank writes its samples to a shard file.
+Pretrained networks are the standard tools' files; a metric whose network is missing is skipped
+with a message saying what to download where, never estimated. Memory does not grow with the
+samples (running sums; samples in per-rank shards on disk).
 """
 import argparse
 import json
@@ -40,27 +38,24 @@ from vitok import frames_to_batch
 IS_SPLITS = 10  # the improved-GAN code's 10 splits; ADM's 5,000-sample splits equal them at 50k
 
 
-# ---------------------------------------------------------------------------------------------
-# Pixel metrics on uint8-rounded images (values 0..255 as floats), one number per image
-# ---------------------------------------------------------------------------------------------
+# ---- Pixel metrics on uint8-rounded images (0..255 as floats) ----
 def to_uint8(x):
     """[-1,1] -> rounded 0..255 (float), as if the images were saved and read back."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
 def psnr(x, y, data_range=255.0):
-    """Per image [N] for x, y [N,3,H,W] in 0..255: 10 log10(range^2 / MSE). Per image, then
-    averaged; the paper's code pools the MSE over a batch first (the README's Differences)."""
+    """10 log10(range^2 / MSE) per image [N] of x, y [N,3,H,W] in 0..255; the paper's code pools
+    the MSE over a batch first (the README's Differences)."""
     mse = (x.double() - y.double()).pow(2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-10))
 
 
 def ssim(x, y, form="paper", data_range=255.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
-    """SSIM (Wang et al. 2004) per image [N] of x, y [N,3,H,W] in 0..255: an 11x11 Gaussian window
-    (sigma 1.5) on each RGB channel, the map averaged over pixels and channels. form "paper": both
-    images reflect-padded by 5 pixels, so the map covers every pixel of the original (torchmetrics,
-    which the paper's code calls); "valid": only the windows inside the image (Wang's reference
-    code); the two differ most on small images."""
+    """SSIM (Wang et al. 2004) per image [N] of x, y [N,3,H,W] in 0..255: the mean map of an 11x11
+    Gaussian window (sigma 1.5) per channel. form "paper": reflect-padded by 5, the map covers every
+    pixel (torchmetrics, as the paper's code); "valid": windows inside only (Wang's code). They
+    differ most on small images."""
     g = torch.exp(-(torch.arange(size, dtype=torch.float64) - size // 2) ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
     window = torch.outer(g, g).expand(3, 1, size, size).to(x.device)
@@ -76,13 +71,10 @@ def ssim(x, y, form="paper", data_range=255.0, size=11, sigma=1.5, k1=0.01, k2=0
     return s.mean(dim=(1, 2, 3))
 
 
-# ---------------------------------------------------------------------------------------------
-# Statistics: running sums of constant size, summed over ranks once; FID, IS
-# ---------------------------------------------------------------------------------------------
+# ---- Statistics: constant-size running sums, summed over ranks once; FID, IS ----
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017), with scipy's sqrtm as
-    the standard tools; retried with eps I on both covariances when the product is singular; an
-    error when the root is not real."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017), scipy's sqrtm as the
+    standard tools; retried with eps I on both covariances if singular; an error if not real."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -99,20 +91,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 class Sums:
-    """Named float64 running sums on the device: per-image metrics, feature moments and the IS
-    split sums. Their size is fixed by the feature widths, never by the number of samples;
-    reduce() sums each over ranks (every rank has the same names: each sees a batch)."""
+    """Named float64 sums on the device (per-image metrics, feature moments, IS splits); reduce()
+    sums over ranks (each sees a batch, so all have the same names)."""
 
     def __init__(self, device):
         self.device, self.sums = device, {}
 
     def add(self, name, value):
         value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
-        self.sums.setdefault(name, torch.zeros_like(value)).add_(value)  # in place
+        self.sums.setdefault(name, torch.zeros_like(value)).add_(value)
 
     def add_moments(self, name, x):
-        """x [B,G,D]: G groups (frame indices, or one) of D-dim features -> count, sum x [G,D],
-        sum x x^T [G,D,D]."""
+        """x [B,G,D] (G groups: frame indices, or one) -> count, sum x [G,D], sum x x^T [G,D,D]."""
         x = x.to(self.device, torch.float64).transpose(0, 1)  # [G,B,D]
         self.add(f"{name}_n", x.shape[1])
         self.add(f"{name}_sum", x.sum(1))
@@ -122,8 +112,7 @@ class Sums:
         """Per IS split (split [N] gives each row's): count, sum of p(y|x), sum of sum_y p log p."""
         logp = logits.to(self.device, torch.float64).log_softmax(1)  # [N,K]
         p, split = logp.exp(), split.to(self.device)
-        zeros = lambda *shape: torch.zeros(splits, *shape, dtype=torch.float64,  # noqa: E731
-                                           device=self.device)
+        zeros = lambda *shape: p.new_zeros(splits, *shape)  # noqa: E731
         self.add(f"{name}_is_n", zeros().index_add_(0, split, torch.ones_like(logp[:, 0])))
         self.add(f"{name}_is_p", zeros(p.shape[1]).index_add_(0, split, p))
         self.add(f"{name}_is_plogp", zeros().index_add_(0, split, (p * logp).sum(1)))
@@ -137,8 +126,7 @@ class Sums:
 
 
 def gaussian(s, name):
-    """Mean [G,D] and covariance [G,D,D] (ddof=1, as np.cov) of G feature groups from their
-    count, sum x and sum x x^T."""
+    """Mean [G,D] and covariance [G,D,D] (ddof=1, as np.cov) of G feature groups, from the sums."""
     n, mu = s[f"{name}_n"], s[f"{name}_sum"] / s[f"{name}_n"]
     return mu, (s[f"{name}_outer"] - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
 
@@ -149,9 +137,8 @@ def fid(a, b):
 
 
 def inception_score(s, name):
-    """exp E_x KL(p(y|x) || p(y)) in each split, averaged over splits (Salimans et al. 2016),
-    exactly, from the sums: E_x KL = E_x sum_y p log p - sum_y p(y) log p(y), with p(y) the
-    split's mean of p(y|x). Returns (mean, std)."""
+    """(mean, std) over splits of exp E_x KL(p(y|x) || p(y)) (Salimans et al. 2016), exact from
+    the sums: E_x KL = E_x sum_y p log p - sum_y p(y) log p(y), p(y) the split's mean p(y|x)."""
     n = s[f"{name}_is_n"]
     marginal = s[f"{name}_is_p"] / n[:, None]
     kl = s[f"{name}_is_plogp"] / n - (marginal * np.log(np.maximum(marginal, 1e-300))).sum(1)
@@ -159,10 +146,9 @@ def inception_score(s, name):
 
 
 def add_features(sums, nets, prefix, x, indices, n, video_fid="per-frame"):
-    """Inception features of every frame and I3D features of each clip of a batch x in [-1,1]
-    whose samples have global indices `indices` out of n. Video FID keeps one Gaussian per frame
-    index (the paper's code), or pools all frames into one; IS takes every frame, a clip's frames
-    in its split."""
+    """Inception features of every frame, I3D features of each clip, of x in [-1,1] (samples
+    `indices` of n). Video FID: a Gaussian per frame index (the paper's code) or all frames pooled;
+    IS takes every frame, a clip's frames in its split."""
     B = x.shape[0]
     if "inception" in nets:
         pool, logits = nets["inception"](frames_to_batch(x).to(sums.device))  # [B*T,2048]
@@ -179,14 +165,12 @@ def add_features(sums, nets, prefix, x, indices, n, video_fid="per-frame"):
 
 
 def networks(opts, video, rank, device):
-    """The feature networks the options name, with (for the report) their files or why not."""
     return features.load_networks(opts["inception"], opts["inception_weights"],
                                   opts["i3d_weights"], video, rank, device)
 
 
 def shard(dataset, num_samples, rank, world):
-    """The first num_samples items (default all) split over ranks: rank r takes items r,
-    r + world, ... (their global indices are the Subset's .indices). Returns (n, Subset)."""
+    """(n, Subset): rank r's items r, r + world, ... (.indices) of the first num_samples or all."""
     n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
     if n < world:
         raise UserError(f"{n} samples cannot be split over {world} ranks")
@@ -194,21 +178,17 @@ def shard(dataset, num_samples, rank, world):
 
 
 def batches(part, batch_size, workers, desc, rank):
-    """(global indices, x) of each batch of a shard, with a progress bar on rank 0; never more
-    loader workers than the machine has cores."""
+    """(global indices, x) of each batch of a shard, a progress bar on rank 0; workers <= cores."""
     workers = min(workers, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers)
     for b, (x, _) in enumerate(tqdm(loader, desc=desc, disable=rank != 0)):
         yield part.indices[b * batch_size:(b + 1) * batch_size], x
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizer: reconstructions from the posterior mean
-# ---------------------------------------------------------------------------------------------
+# ---- Tokenizer: reconstructions from the posterior mean ----
 def bilinear_codec(x, floats):
-    """The trivial codec with at most as many floats as the latent: downsample each frame
-    (antialiased) to the largest square that fits its share of the budget (E = 256 floats:
-    9x9x3 = 243), upsample again."""
+    """The trivial codec with at most the latent's floats: each frame downsampled (antialiased) to
+    the largest square within its share (E = 256 floats: 9x9x3 = 243), upsampled again."""
     frames = x.shape[2] if x.dim() == 5 else 1
     side = max(1, int(math.sqrt(floats / frames / 3)))
     low = F.interpolate(frames_to_batch(x), size=(side, side), mode="bilinear", antialias=True,
@@ -218,9 +198,8 @@ def bilinear_codec(x, floats):
 
 @torch.no_grad()
 def reconstruct(model, part, n, nets, lpips, opts, rank, device):
-    """Metrics of the model's reconstructions of a shard `part` of n samples: sums over ranks of
-    PSNR, SSIM, LPIPS, the PSNR of the bilinear codec with as many floats as the latent, and
-    Inception/I3D features of both sides. Returns (results on rank 0, a few samples to show)."""
+    """Sums over ranks of PSNR, SSIM, LPIPS, the bilinear codec's PSNR and both sides' features
+    for the reconstructions of `part` (of n). Returns (results on rank 0, samples to show)."""
     sums, shown = Sums(device), None
     for indices, x in batches(part, opts["batch_size"], opts["workers"], "reconstruct", rank):
         x = x.to(device)
@@ -228,8 +207,7 @@ def reconstruct(model, part, n, nets, lpips, opts, rank, device):
             x_hat = model.decode(model.encode(x).mode(), x.shape[2:])
         real8, recon8 = to_uint8(x), to_uint8(x_hat)
         frames, recon_frames, B = frames_to_batch(real8), frames_to_batch(recon8), x.shape[0]
-        t, h, w = model.grid(x.shape[2:])
-        codec = to_uint8(bilinear_codec(x, t * h * w * model.channels))
+        codec = to_uint8(bilinear_codec(x, math.prod(model.grid(x.shape[2:])) * model.channels))
         per_frame = {"psnr": psnr(frames, recon_frames),
                      "ssim": ssim(frames, recon_frames, form=opts["ssim"]),
                      "baseline_psnr": psnr(frames, codec)}
@@ -256,8 +234,7 @@ def reconstruct(model, part, n, nets, lpips, opts, rank, device):
 
 
 def evaluate_tokenizer(ckpt, name, source, opts, rank, world, device):
-    """A tokenizer checkpoint on `source` at opts' resolution (default: its own). Returns
-    (results, n, weights used, shown)."""
+    """A tokenizer on `source` at opts' resolution (default: its own): (results, n, used, shown)."""
     config = ckpt["config"]
     model = vitok.from_checkpoint(ckpt, name=name).to(device)
     size, T = opts["image_size"] or config["image_size"], config["num_frames"]
@@ -271,7 +248,7 @@ def evaluate_tokenizer(ckpt, name, source, opts, rank, world, device):
     try:
         lpips = losses.LPIPS().to(device)
         used["lpips"] = "vgg"
-    except UserError as err:  # the VGG16 file is missing: say so and go on without LPIPS
+    except UserError as err:  # no VGG16 file: go on without LPIPS
         lpips = None
         if rank == 0:
             print(f"LPIPS skipped: {err}", flush=True)
@@ -282,13 +259,10 @@ def evaluate_tokenizer(ckpt, name, source, opts, rank, world, device):
     return results, n, used, shown
 
 
-# ---------------------------------------------------------------------------------------------
-# Generator: N samples with CFG, decoded by the tokenizer, against reference statistics
-# ---------------------------------------------------------------------------------------------
+# ---- Generator: CFG samples, decoded, against reference statistics ----
 def noise_and_labels(indices, shape, num_classes, seed, balanced=False):
-    """Sample i's initial noise [*shape] and class come from a generator seeded by (seed, i)
-    alone: samples depend on neither the number of ranks nor the batch size. Classes are uniform
-    at random, as DiT's sample_ddp.py draws them; balanced: i mod K. Unconditional (K = 0): 0."""
+    """Sample i's noise [*shape] and class, seeded by (seed, i) alone, so independent of ranks and
+    batch size. Classes uniform (DiT's sample_ddp.py), balanced: i mod K, or 0 for K = 0."""
     z, y = [], []
     for i in indices:
         g = torch.Generator().manual_seed(seed * 10_000_019 + i)
@@ -299,17 +273,15 @@ def noise_and_labels(indices, shape, num_classes, seed, balanced=False):
 
 
 def open_shard(path, rank, rows, shape, dtype=np.uint8):
-    """This rank's rows of an array that will be saved as `path` (.npz): a memory-mapped .npy
-    beside it, filled as the rows are made, so that no process holds more than a batch."""
+    """This rank's rows of the future `path` (.npz): a memory-mapped .npy beside it, so that no
+    process holds more than a batch."""
     return np.lib.format.open_memmap(f"{path}.rank{rank}.npy", mode="w+", dtype=dtype,
                                      shape=(rows, *shape))
 
 
 def join_shards(path, n, world, block=256, head=16):
-    """Rank 0, once every rank has flushed its shard: the n rows in global order (row i is row
-    i // world of rank i % world's shard) written to `path` as np.savez writes `arr_0`, a block of
-    rows at a time, so memory stays one block for any n; the shards are then removed. Returns the
-    first `head` rows (a preview)."""
+    """Rank 0, all shards flushed: the n rows in order (row i: row i // world of shard i % world)
+    to `path` as np.savez's `arr_0`, a block at a time; shards removed. Returns the first `head`."""
     shards = [np.load(f"{path}.rank{r}.npy", mmap_mode="r") for r in range(world)]
     header = {**np.lib.format.header_data_from_array_1_0(shards[0][:1]),
               "shape": (n, *shards[0].shape[1:])}
@@ -330,8 +302,8 @@ def join_shards(path, n, world, block=256, head=16):
 
 @torch.no_grad()
 def reference_stats(source, size, T, stride, nets, opts, rank, world, device):
-    """Mean and covariance of the features of the first opts["num_ref"] samples of `source` (all
-    ranks take part), rounded to uint8 as the samples are; per-frame video FID's groups kept."""
+    """Feature mean and covariance of the first opts["num_ref"] samples of `source` (all ranks),
+    rounded to uint8 as the samples are; per-frame video FID's groups kept."""
     dataset = data.build_dataset(source, size, T, frame_stride=stride,
                                  split_file=opts["split_file"])
     n, part = shard(dataset, opts["num_ref"], rank, world)
@@ -346,29 +318,27 @@ def reference_stats(source, size, T, stride, nets, opts, rank, world, device):
 
 
 def load_reference(path):
-    """mu/sigma (and mu_i3d/sigma_i3d) of a reference .npz, with a group axis: ADM's reference
-    batches (whose images, arr_0, are not read) and --save-ref's files both load."""
+    """mu/sigma (mu_i3d/sigma_i3d), with a group axis, of ADM's reference batches (arr_0 unread)
+    or --save-ref's .npz."""
     with np.load(path) as f:
         keys = [k for k in ("mu", "sigma", "mu_i3d", "sigma_i3d") if k in f.files]
         ref = {k: f[k].astype(np.float64) for k in keys}
-    return {k: v[None] if v.ndim == (1 if k.startswith("mu") else 2) else v
-            for k, v in ref.items()}
+    return {k: v[None] if v.ndim == (1 if k.startswith("mu") else 2) else v for k, v in ref.items()}
 
 
 @torch.no_grad()
 def evaluate_generator(ckpt, name, source, opts, rank, world, device):
-    """n DiT samples (opts["num_samples"], default 50,000) decoded by its tokenizer, written to a
-    samples .npz, and their gFID/gIS (gFVD) against opts["ref"] or the statistics of `source`.
-    Returns (results, n, weights used, shown)."""
+    """n DiT samples (opts["num_samples"], default 50,000), decoded, written to a .npz; their
+    gFID/gIS (gFVD) against opts["ref"] or `source`. Returns (results, n, used, shown)."""
     config = ckpt["config"]
     ae_path = opts["ae_ckpt"] or config["ae_ckpt"]
     if not os.path.exists(ae_path):
         raise UserError(f"the tokenizer {ae_path} named by {name} is missing; pass --ae-ckpt")
-    model = dit.from_checkpoint(ckpt, name=name).to(device)  # the file main read, not read again
+    model = dit.from_checkpoint(ckpt, name=name).to(device)  # main's read, not read again
     ae_ckpt = runtime.read_checkpoint(ae_path, kind="ae")
     ae = vitok.from_checkpoint(ae_ckpt, name=ae_path).to(device)
-    grid, K, c = config["grid"], config["num_classes"], config["channels"]
-    T, S = config["num_frames"], config["image_size"]
+    K, T, S = config["num_classes"], config["num_frames"], config["image_size"]
+    size = (S, S) if T == 1 else (T, S, S)
     n = opts["num_samples"] or 50_000
     if n < world:
         raise UserError(f"{n} samples cannot be split over {world} ranks")
@@ -383,16 +353,16 @@ def evaluate_generator(ckpt, name, source, opts, rank, world, device):
               f"({labels}), {opts['precision']}", flush=True)
     out = opts["samples"] or os.path.splitext(name)[0] + "_samples.npz"
     mine = range(rank, n, world)
-    rows = open_shard(out, rank, len(mine), (S, S, 3) if T == 1 else (T, S, S, 3))  # N(T)HWC
+    rows = open_shard(out, rank, len(mine), (*size, 3))  # N(T)HWC
     sums, batch = Sums(device), opts["batch_size"]
     for start in tqdm(range(0, len(mine), batch), desc="sample", disable=rank != 0):
         indices = mine[start:start + batch]
-        z, y = noise_and_labels(indices, (math.prod(grid), c), K, opts["seed"],
-                                opts["balanced_labels"])
+        z, y = noise_and_labels(indices, (math.prod(config["grid"]), config["channels"]), K,
+                                opts["seed"], opts["balanced_labels"])
         with autocast(device, opts["precision"]):
             latents = dit.sample(model, z.to(device), y.to(device), steps=opts["sample_steps"],
                                  cfg_scale=cfg_scale)
-            x = ae.decode(latents / config["latent_scale"], (S, S) if T == 1 else (T, S, S))
+            x = ae.decode(latents / config["latent_scale"], size)
         x8 = to_uint8(x.float())
         add_features(sums, nets, "gen", x8 / 127.5 - 1, indices, n, opts["video_fid"])
         rows[start:start + len(indices)] = x8.to(torch.uint8).movedim(1, -1).cpu().numpy()
@@ -437,24 +407,21 @@ def save_reference(path, source, opts, rank, world, device):
         raise UserError("no feature network available for reference statistics (see above)")
     stats, n = reference_stats(source, opts["image_size"] or 256, T, opts["frame_stride"] or 3,
                                nets, opts, rank, world, device)
-    if rank == 0:  # one group (images, pooled frames) is stored without its group axis, as ADM
+    if rank == 0:  # one group (images, pooled frames) is stored without group axis, as ADM's
         np.savez(path, **{k: v[0] if len(v) == 1 else v for k, v in stats.items()})
         print(f"reference statistics of {n} samples of {source}: {path} ({', '.join(stats)})")
 
 
 def evaluate_sweep(paths, source, opts, plot, json_path, rank, world, device):
-    """Every tokenizer of an E sweep on the same data, then sweep.report's table, fits, plot and
-    JSON. Every file is read (memory-mapped: tensors come from disk only when a model is built)
-    and checked before hours of evaluation, not after."""
+    """Each tokenizer of an E sweep on the same data, then sweep.report. All files are read (mmap)
+    and checked first, before hours of evaluation."""
     ckpts = [runtime.read_checkpoint(path, kind="ae", mmap=True) for path in paths]
     points = []
     for path, ckpt in zip(paths, ckpts):
-        config = ckpt["config"]
-        results, n, _, _ = evaluate_tokenizer(ckpt, path, source or config["data"], opts, rank,
-                                              world, device)
-        points.append(sweep.sweep_point(path, config, ckpt.get("step"),
-                                        opts["image_size"] or config["image_size"],
-                                        source or config["data"], results, n))
+        config, src = ckpt["config"], source or ckpt["config"]["data"]
+        results, n, _, _ = evaluate_tokenizer(ckpt, path, src, opts, rank, world, device)
+        size = opts["image_size"] or config["image_size"]
+        points.append(sweep.sweep_point(path, config, ckpt.get("step"), size, src, results, n))
     if rank == 0:
         sweep.report(points, plot, json_path)
     return points
@@ -462,8 +429,8 @@ def evaluate_sweep(paths, source, opts, plot, json_path, rank, world, device):
 
 def main(args):
     rank, world, device = runtime.setup_distributed()
-    opts = vars(args)  # the evaluation's options, passed on by name; args itself is not changed
-    if args.sweep:  # Fig. 3: several tokenizers, one table, fit and plot
+    opts = vars(args)  # options by name; args itself never changes
+    if args.sweep:  # Fig. 3
         opts = {**opts, "precision": args.precision or "bf16"}
         evaluate_sweep(args.sweep, args.data, opts, args.plot, args.json, rank, world, device)
         return runtime.cleanup_distributed()
@@ -475,8 +442,7 @@ def main(args):
         return runtime.cleanup_distributed()
     ckpt = runtime.read_checkpoint(args.ckpt)
     kind, video = ckpt["config"]["kind"], ckpt["config"]["num_frames"] > 1
-    # bf16 for tokenizers (the paper found bf16 and fp32 equal, App. A); fp32 for DiT sampling,
-    # as DiT's sampler
+    # bf16 for tokenizers (equal to fp32 in the paper, App. A); fp32 for DiT sampling, as DiT's
     precision = args.precision or ("fp32" if kind == "dit" else "bf16")
     opts = {**opts, "precision": precision}
     protocol = {"precision": runtime.precision_used(device, precision)}
@@ -487,13 +453,12 @@ def main(args):
         if args.data is None and rank == 0:
             print(f"no --data: evaluating on the training source {source} (pass --data for "
                   f"held-out images)")
-        results, n, used, shown = evaluate_tokenizer(ckpt, args.ckpt, source, opts, rank, world,
-                                                     device)
         protocol["ssim_form"] = args.ssim
     else:
-        results, n, used, shown = evaluate_generator(ckpt, args.ckpt, args.data, opts, rank,
-                                                     world, device)
+        source = args.data
         protocol["labels"] = "balanced" if args.balanced_labels else "random"
+    evaluate_ckpt = evaluate_tokenizer if kind == "ae" else evaluate_generator
+    results, n, used, shown = evaluate_ckpt(ckpt, args.ckpt, source, opts, rank, world, device)
     if rank == 0:
         print(f"\n{'metric':<14}{'value':>12}")
         for k, v in results.items():
@@ -512,53 +477,41 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--ckpt", help="a tokenizer (train_ae.py) or DiT (train_dit.py) checkpoint; its kind is "
-                       "in it")
-    add("--data", help="dataset folder, 'synthetic' or 'deadleaves': images to reconstruct, or "
-                       "the generator's reference")
-    add("--num-samples", type=int, help="tokenizer: at most this many (default all); DiT: "
-                                        "samples to draw (default 50000)")
-    add("--inception-weights", help=f"the FID Inception file ({features.FID_FILE}; default: "
-                                    f"the torch hub cache)")
-    add("--inception", choices=["fid", "torchvision"], default="fid",
-        help="fid: the standard FID network (default); torchvision: its ImageNet Inception, as "
-             "the official ViTok code (numbers not comparable to published FIDs)")
-    add("--i3d-weights", help=f"StyleGAN-V's {features.I3D_FILE} for FVD (default: the torch "
-                              f"hub cache)")
-    add("--json", help="write the results as one JSON object here")
-    add("--grid", help="PNG of originals/reconstructions or samples (default next to --json or "
-                       "--ckpt)")
-    add("--image-size", type=int, help="evaluate at this resolution (default: the checkpoint's)")
-    add("--num-frames", type=int, default=1, help="--save-ref only: clip length of the data")
-    add("--frame-stride", type=int, help="clips: every n-th frame (default: the checkpoint's; 3 "
-                                         "for --save-ref: 8 fps on UCF-101's 25, as the paper)")
-    add("--split-file", help="keep the files this list names (UCF-101: testlist01.txt, or "
-                             "testlist01)")
+    add("--ckpt", help="a tokenizer (train_ae.py) or DiT (train_dit.py) checkpoint")
+    add("--data", help="folder, 'synthetic' or 'deadleaves': to reconstruct, or DiT's reference")
+    add("--num-samples", type=int, help="tokenizer: at most (default all); DiT: to draw (50000)")
+    add("--inception-weights", help=f"{features.FID_FILE} (default: the torch hub cache)")
+    add("--inception", choices=["fid", "torchvision"], default="fid", help="fid: the standard FID "
+        "network; torchvision: as the official ViTok code (not comparable to published FIDs)")
+    add("--i3d-weights", help=f"StyleGAN-V's {features.I3D_FILE} for FVD (default: as above)")
+    add("--json", help="the results as one JSON object")
+    add("--grid", help="PNG of originals/reconstructions or samples (default: by --json/--ckpt)")
+    add("--image-size", type=int, help="resolution (default: the checkpoint's)")
+    add("--num-frames", type=int, default=1, help="--save-ref only: clip length")
+    add("--frame-stride", type=int, help="clips: every n-th frame (default: the checkpoint's, or "
+        "3 for --save-ref: 8 fps of UCF-101's 25, as the paper)")
+    add("--split-file", help="only the files this list names (UCF-101: testlist01[.txt])")
     add("--ssim", choices=["paper", "valid"], default="paper",
         help="paper: reflect-padded, every pixel (torchmetrics, the paper's code); valid: Wang's")
     add("--video-fid", choices=["per-frame", "pooled"], default="per-frame",
         help="video FID: one per frame index, averaged (the paper's code), or all frames pooled")
     add("--batch-size", type=int, default=32, help="per rank")
-    add("--workers", type=int, default=4, help="loader workers per rank (at most the cores)")
-    add("--precision", choices=["bf16", "fp32"], help="autocast on GPU (default: bf16 for "
-        "tokenizers, fp32 for DiT sampling; bf16's gFID is unmeasured)")
-    add("--ae-ckpt", help="DiT: the tokenizer to decode with (default: the one its checkpoint "
-                          "names)")
+    add("--workers", type=int, default=4, help="loader workers per rank (<= cores)")
+    add("--precision", choices=["bf16", "fp32"], help="GPU autocast (default: bf16 for tokenizers, "
+        "fp32 for DiT; bf16's gFID is unmeasured)")
+    add("--ae-ckpt", help="DiT: its tokenizer (default: the one its checkpoint names)")
     add("--cfg-scale", type=float, default=1.5, help="DiT: classifier-free guidance scale")
     add("--sample-steps", type=int, default=250, help="DiT: DDIM steps (default 250)")
-    add("--balanced-labels", action="store_true", help="DiT: class i mod K for sample i "
-                                                       "(default: uniform at random, as DiT)")
-    add("--seed", type=int, default=0, help="DiT: seed of the sampling noise and labels")
-    add("--ref", help="DiT: reference statistics .npz (mu, sigma; mu_i3d, sigma_i3d for FVD), "
-                      "e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
+    add("--balanced-labels", action="store_true",
+        help="DiT: class i mod K for sample i (default: uniform at random, as DiT)")
+    add("--seed", type=int, default=0, help="DiT: seed of the noise and labels")
+    add("--ref", help="DiT: reference statistics .npz (mu, sigma; mu_i3d, sigma_i3d), e.g. ADM's")
     add("--num-ref", type=int, help="DiT/--save-ref: at most this many reference samples")
-    add("--samples", help="DiT: where to write the samples .npz (default <ckpt>_samples.npz)")
-    add("--save-ref", help="with --data and no --ckpt: write reference statistics to this .npz")
-    add("--sweep", nargs="+", metavar="CKPT", help="tokenizer checkpoints of an E sweep (Fig. 3): "
-        "one table of p, c, L, E = L*c and the metrics, each metric's least-squares fit on "
-        "log2 E and its R^2, and its spread over the splits of one E")
-    add("--plot", metavar="PNG", help="--sweep: each metric against E on a log axis, one marker "
-                                      "per patch size, with the fit (needs matplotlib)")
+    add("--samples", help="DiT: the samples .npz (default <ckpt>_samples.npz)")
+    add("--save-ref", help="with --data, no --ckpt: write reference statistics to this .npz")
+    add("--sweep", nargs="+", metavar="CKPT", help="tokenizers of an E sweep (Fig. 3): a table of "
+        "p, c, L, E = L*c and the metrics, fits on log2 E (R^2), spreads at equal E")
+    add("--plot", metavar="PNG", help="--sweep: Fig. 3's plot (needs matplotlib)")
     return p.parse_args(argv)
 
 

@@ -1,10 +1,7 @@
-"""The pretrained feature networks of the generative metrics, as the field's standard tools
-define them: the FID Inception (TensorFlow's 2015-12-05 graph in torchvision's Inception3 layout,
-as pytorch-fid ports it) for FID and IS, torchvision's ImageNet Inception (the official ViTok
-code's choice), and StyleGAN-V's I3D for FVD; and where their files are found.
-
-A module of its own, as pytorch-fid's inception.py: the ports and their files are a subject apart
-from the metrics that evaluate.py computes with them.
+"""The metrics' pretrained networks as the standard tools define them, and where their files are:
+the FID Inception for FID and IS (TensorFlow's 2015-12-05 graph in torchvision's Inception3
+layout, as pytorch-fid ports it), torchvision's ImageNet Inception (the official ViTok code's)
+and StyleGAN-V's I3D for FVD. Apart from evaluate.py, as pytorch-fid's inception.py.
 """
 import os
 
@@ -23,9 +20,8 @@ I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
 
 
 class FIDPoolBranch:
-    """The TF graph's pool branches: Mixed_5*, 6* and 7b average without counting the zero padding
-    (torchvision's blocks count it), and Mixed_7c max-pools (a quirk of the graph). Mixed into
-    torchvision's Inception blocks."""
+    """The TF graph's pool branches, mixed into torchvision's blocks: Mixed_5*, 6* and 7b average
+    without counting the zero padding (torchvision's count it); Mixed_7c max-pools (a quirk)."""
     max_pool = False
 
     def _forward(self, x):
@@ -49,8 +45,7 @@ class FIDInceptionE(FIDPoolBranch, tv_inception.InceptionE):
 
 
 def build_fid_inception():
-    """torchvision's Inception3 with 1008 classes, no aux head and the FID blocks: its state-dict
-    keys are those of pt_inception-2015-12-05-6726825d.pth, which loads with strict=True."""
+    """Inception3 with 1008 classes, no aux head and the FID blocks; FID_FILE loads strictly."""
     blocks = [tv_inception.BasicConv2d, FIDInceptionA, tv_inception.InceptionB, FIDInceptionC,
               tv_inception.InceptionD, FIDInceptionE, tv_inception.InceptionAux]
     net = tv_inception.Inception3(num_classes=1008, aux_logits=False, transform_input=False,
@@ -60,8 +55,7 @@ def build_fid_inception():
 
 
 def find_weights(path, file, url):
-    """An explicit path, else the torch hub cache, else a download into it; (path, None), or
-    (None, why) when all fail."""
+    """path, else the torch hub cache, else a download into it: (path, None), or (None, why)."""
     if path:
         return (path, None) if os.path.exists(path) else (None, f"{path} does not exist")
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", file)
@@ -69,7 +63,7 @@ def find_weights(path, file, url):
         try:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             torch.hub.download_url_to_file(url, cached, progress=False)
-        except Exception as err:  # no network: say what is missing and where it goes, go on
+        except Exception as err:  # offline: say what goes where, and go on
             if os.path.exists(cached):
                 os.remove(cached)
             return None, (f"{file} is not in {os.path.dirname(cached)} and could not be "
@@ -84,9 +78,8 @@ INCEPTION_LAYERS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1
 
 
 class InceptionFeatures(torch.nn.Module):
-    """x [N,3,H,W] in [-1,1] -> (2048-d pool features, logits for IS). network "fid": the standard
-    FID network (default: every published FID uses it); "torchvision": torchvision's ImageNet
-    Inception (the official ViTok code's choice; not comparable to published FIDs)."""
+    """x [N,3,H,W] in [-1,1] -> (2048-d pool features, IS logits). network "fid": that of every
+    published FID; "torchvision": the official ViTok code's ImageNet one (not comparable)."""
 
     def __init__(self, network, weights):
         super().__init__()
@@ -110,8 +103,8 @@ class InceptionFeatures(torch.nn.Module):
         for name in INCEPTION_LAYERS:
             x = getattr(self.net, name)(x)
         pool = x.flatten(1)  # [N,2048]
-        # IS logits are the pool features times the fc weight, without the bias: the improved-GAN
-        # code (Salimans et al. 2016), ADM's evaluator and torch-fidelity all drop it.
+        # IS logits: pool features times the fc weight, no bias, as the improved-GAN code
+        # (Salimans et al. 2016), ADM's evaluator and torch-fidelity.
         return pool, pool @ self.net.fc.weight.T
 
 
@@ -125,15 +118,13 @@ def i3d_features(i3d, clips):
 
 
 def load_networks(inception, inception_weights, i3d_weights, video, rank, device):
-    """The feature networks that are available, on the device, and (for the report) which files
-    or why not."""
+    """The available feature networks, on the device, and (for the report) their files."""
     nets, used = {}, {}
     file, url = (FID_FILE, FID_URL) if inception == "fid" else (TV_INCEPTION_FILE,
                                                                  TV_INCEPTION_URL)
     path, why = find_weights(inception_weights, file, url)
     if path:
-        nets["inception"] = InceptionFeatures(inception, path).to(device)
-        used["inception"] = path
+        nets["inception"], used["inception"] = InceptionFeatures(inception, path).to(device), path
     elif rank == 0:
         print(f"FID/IS skipped: {why}, or pass --inception-weights PATH", flush=True)
     if video:

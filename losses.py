@@ -4,8 +4,7 @@
 
 The KL term is the posterior's own (`vitok.DiagonalGaussian.kl`). Here: MSE, LPIPS (VGG, through
 the `lpips` package), the StyleGAN2-style residual discriminator that tokenizer work uses, and its
-hinge losses. Videos are scored frame by frame: LPIPS and the discriminator see the frames folded
-into the batch.
+hinge losses.
 """
 import math
 import os
@@ -23,16 +22,15 @@ VGG_URL = f"https://download.pytorch.org/models/{VGG_FILE}"
 
 
 def mse_loss(x_hat, x):
-    """Mean squared error in fp32. (The official code overwrites this term with L1, a bug; the
-    paper says MSE.)"""
+    """MSE in fp32. (The official code overwrites this term with L1, a bug; the paper says MSE.)"""
     return F.mse_loss(x_hat.float(), x.float())
 
 
 class LPIPS(nn.Module):
     """LPIPS with a VGG16 backbone (Zhang et al. 2018), frozen. Its linear heads ship with the
-    `lpips` wheel; the backbone is torchvision's vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints.
-    pretrained=False gives a random backbone (tests, CPU demos): a differentiable perceptual-ish
-    distance, not LPIPS, and never reported as LPIPS."""
+    `lpips` wheel; the backbone is torchvision's VGG_FILE in $TORCH_HOME/hub/checkpoints.
+    pretrained=False gives a random backbone (tests, CPU demos): a differentiable distance, never
+    reported as LPIPS."""
 
     def __init__(self, pretrained=True, precision="fp32"):
         super().__init__()
@@ -54,7 +52,7 @@ class LPIPS(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
-        # channels_last: the layout fast convolution kernels want on GPU
+        # channels_last: the layout fast GPU convolutions want
         self.net.net.to(memory_format=torch.channels_last)
         self.precision = precision
         self.eval().requires_grad_(False)
@@ -68,9 +66,8 @@ class LPIPS(nn.Module):
         mean of w_l . (f_l(x_hat) - f_l(x))^2, with f_l unit-normalised over channels.
 
         Both images go through the VGG trunk as one batch, in bf16 when precision is "bf16" (the
-        trunk is about 40% of a stage-1 step's FLOPs at 256^2); the normalisation, the differences
-        and the linear heads always run in fp32, where the unit-normalised features keep their
-        precision."""
+        trunk is about 40% of a stage-1 step's FLOPs at 256^2); normalisation, differences and
+        heads stay in fp32, for the unit-normalised features' precision."""
         a, b = frames_to_batch(x_hat).float(), frames_to_batch(x).float()  # [N,3,H,W]
         both = self.net.scaling_layer(torch.cat([a, b])).contiguous(
             memory_format=torch.channels_last)
@@ -80,18 +77,15 @@ class LPIPS(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             for f, lin in zip(feats, self.net.lins):
                 f = f.float()
-                # unit length over channels
                 f = f / (f.square().sum(1, keepdim=True).sqrt() + 1e-10)
                 d = d + lin((f[:len(a)] - f[len(a):]).square()).mean((2, 3))  # [N,1]
         d = d.flatten().view(x.shape[0], -1).mean(1)  # [B], frames averaged
         return d.mean() if reduce else d
 
 
-# ---------------------------------------------------------------------------------------------
-# StyleGAN2 residual discriminator (Karras et al. 2020, Fig. 7b), as tokenizer work uses it:
-# no minibatch-stddev, no equalised lr; each block halves the resolution after a [1,3,3,1] blur
-# on both paths.
-# ---------------------------------------------------------------------------------------------
+# ---- StyleGAN2 residual discriminator (Karras et al. 2020, Fig. 7b) ----
+# As tokenizer work uses it: no minibatch-stddev, no equalised lr; each block halves the
+# resolution after a [1,3,3,1] blur on both paths.
 class Blur(nn.Module):
     """Depthwise [1,3,3,1] x [1,3,3,1] / 64 low-pass filter, zero padded by `pad` on each side."""
 
@@ -108,8 +102,8 @@ class Blur(nn.Module):
 
 class ResBlock(nn.Module):
     """main: conv3x3 -> lrelu -> blur -> conv3x3/2 -> lrelu; skip: blur -> conv1x1/2 (no bias);
-    out = (main+skip)/sqrt 2. Blur padding is chosen (2 before the 3x3, 1 before the 1x1) so that
-    both paths exactly halve H and W."""
+    out = (main+skip)/sqrt 2. Blur pads 2 before the 3x3 and 1 before the 1x1, so that both paths
+    exactly halve H and W."""
 
     def __init__(self, cin, cout):
         super().__init__()
@@ -126,7 +120,7 @@ class ResBlock(nn.Module):
 
 
 def disc_channels(image_size, max_channels=512):
-    """The discriminator's width at full resolution, as the official ViTok code sets it:
+    """The discriminator's width at full resolution, as the official ViTok code:
     16384 / size (StyleGAN2's formula with half its channel base), at most 512 (32 at 512^2, 64 at
     256^2, 128 at 128^2)."""
     return min(16384 // image_size, max_channels)
@@ -136,7 +130,7 @@ class Discriminator(nn.Module):
     """x [B,3,H,W] (or video [B,3,T,H,W], frames folded) -> logits [N]. The width doubles with each
     halving, from base_channels at full resolution (default: disc_channels(image_size)) up to 512,
     down to 4x4 (six blocks at 256^2, five at 128^2), then conv3x3, flatten, Linear, Linear.
-    Xavier-uniform init, as the official code."""
+    Xavier-uniform init, as the official code; channels_last, as LPIPS."""
 
     def __init__(self, image_size=256, base_channels=None, max_channels=512):
         super().__init__()
@@ -157,7 +151,6 @@ class Discriminator(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        # channels_last: the layout fast convolution kernels want on GPU
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
@@ -173,8 +166,7 @@ class Discriminator(nn.Module):
 
 def d_hinge_loss(logits_real, logits_fake):
     """Hinge loss of the discriminator (Lim & Ye 2017): E[relu(1 - D(x))] + E[relu(1 + D(x_hat))].
-    Not halved, as taming-transformers does: with Adam a constant factor on the loss barely changes
-    the updates."""
+    Unlike taming-transformers, not halved: under Adam a constant factor barely changes updates."""
     return F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()
 
 

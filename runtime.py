@@ -36,9 +36,7 @@ def run_main(main, args, script):
         sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------
-# Ranks, precision and per-step randomness
-# ---------------------------------------------------------------------------------------------
+# ---- Ranks, precision and per-step randomness ----
 def setup_distributed():
     """One code path for 1..N ranks: under torchrun (RANK/WORLD_SIZE set) join the group, NCCL on
     GPU and gloo on CPU; alone, rank 0 of 1. TF32 matmuls on GPU (App. A trains with them).
@@ -86,9 +84,7 @@ def step_generator(seed, step, device):
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
-# ---------------------------------------------------------------------------------------------
-# Flags: every entry of a defaults dict that has a help line; presets override defaults
-# ---------------------------------------------------------------------------------------------
+# ---- Flags: every entry of a defaults dict that has a help line; presets override defaults ----
 def parse_flags(description, defaults, presets, helps, argv=None):
     """argparse over the entries of `defaults` named in `helps`. A help is its text, or (text,
     argparse options) for a flag whose default (None) does not give its type or that has choices.
@@ -116,9 +112,7 @@ def merge(args, defaults, presets, kind):
     return {**defaults, **presets.get(args.preset, {}), **flags, "kind": kind}
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: a plain dict {model, ema, opt, ..., step, config, rng}; config["kind"] says whose
-# ---------------------------------------------------------------------------------------------
+# ---- Checkpoints: plain dicts {model, ema, opt, ..., step, config, rng}; config["kind"] says whose ----
 KINDS = {"ae": "a tokenizer checkpoint (train_ae.py)", "dit": "a DiT checkpoint (train_dit.py)"}
 
 
@@ -155,9 +149,7 @@ def load_weights(model, ckpt, name):
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# EMA
-# ---------------------------------------------------------------------------------------------
+# ---- EMA and image grids ----
 def ema_decay(step, decay, warmup):
     """min(decay, (1 + step) / (warmup + step)): the usual warm-up, so that short runs have a
     useful EMA too (README, Differences); warmup 0 turns it off."""
@@ -186,9 +178,7 @@ def save_grid(path, x, x_hat, max_items=8):
     save_image(torch.cat([x, x_hat]).float().clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# A training run around its recipe
-# ---------------------------------------------------------------------------------------------
+# ---- A training run around its recipe ----
 class TrainingRun:
     """What a training run does around its recipe. It joins the ranks (one code path for 1..N
     processes), finds the checkpoint to resume from, logs one line per interval (the loop's only
@@ -222,6 +212,10 @@ class TrainingRun:
         its `same` config entries equal this run's; then each rank draws from its own stream (an
         interrupted run's RNG continues). The checkpoint is not kept in memory after this."""
         if self.state:
+            missing = sorted(set(stateful) - set(self.state))
+            if missing:
+                raise UserError(f"cannot resume {self.config['ckpt']}: it holds no {missing} "
+                                f"(written with other options); pass another --ckpt")
             for key in same:
                 theirs, ours = self.state["config"].get(key), self.config[key]
                 if theirs != ours:

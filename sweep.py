@@ -1,8 +1,6 @@
-"""The scaling study (§4.1, Figs. 3-4): tokenizers of different patch size p and channels c,
-evaluated together by `evaluate.py --sweep`, tabulated, fitted against log E and plotted.
-
-A module of its own because the study is a subject of its own (grouping, fits, spreads, plots)
-that evaluate.py's metrics do not need; it reads evaluated points and never a checkpoint.
+"""The scaling study (§4.1, Figs. 3-4), apart from evaluate.py's metrics: tokenizers of different
+patch size p and channels c, evaluated by `evaluate.py --sweep` (this module never reads a
+checkpoint), tabulated, fitted against log E and plotted.
 """
 import json
 import os
@@ -12,28 +10,24 @@ import torch
 
 import vitok
 
-# The metrics a sweep fits and plots where computed, with their axis labels; baseline_psnr (the
-# bilinear codec with the same floats, or slightly fewer) is only tabulated.
+# Fitted and plotted where computed (axis labels); baseline_psnr (bilinear) is only tabulated.
 SWEEP_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID"}
 
 
 def sweep_point(path, config, step, size, source, results, n):
-    """One row of the table: the bottleneck of a tokenizer (its checkpoint's config) evaluated
-    at `size` (patch p, tubelet q, channels c, tokens L, E = L*c floats), its metrics on
-    `source`."""
-    with torch.device("meta"):  # the shapes only: no memory, no initialisation
+    """A table row: the bottleneck of `config`'s tokenizer at `size` (patch p, tubelet q, channels
+    c, tokens L, E = L*c floats) and its metrics on `source`."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = vitok.from_name(config["model"], channels=config["channels"])
     t, h, w = model.grid((config["num_frames"], size, size))
     return dict(ckpt=path, model=config["model"], p=model.patch_size, q=model.tubelet_size,
                 c=model.channels, L=t * h * w, E=t * h * w * model.channels, image_size=size,
-                num_frames=config["num_frames"], step=step, data=source, num_samples=n,
-                **results)
+                num_frames=config["num_frames"], step=step, data=source, num_samples=n, **results)
 
 
 def fit_log_e(E, y):
-    """Least squares y = intercept + slope * log2(E) (the slope is per doubling of E), and R^2
-    (None when y is constant, where it is undefined). Fig. 3's claim is that R^2 is high whatever
-    the split of E into L and c."""
+    """Least squares y = intercept + slope * log2(E) (slope per doubling of E) and R^2 (None for
+    a constant y). Fig. 3's claim: R^2 is high whatever the split of E into L and c."""
     x, y = np.log2(np.asarray(E, dtype=np.float64)), np.asarray(y, dtype=np.float64)
     (intercept, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
     ss_res = float(((y - intercept - slope * x) ** 2).sum())
@@ -48,9 +42,8 @@ def resolution(T, size):
 
 
 def sweep_fits(points):
-    """Each metric's fit on log2 E over the points that have it. Points at several resolutions
-    (Fig. 4: 256p and 512p) are fitted per resolution, keyed "psnr@512"; a single resolution
-    gives plain keys ("psnr")."""
+    """Each metric's fit on log2 E over the points having it; keyed "psnr@512" per resolution if
+    there are several (Fig. 4: 256p and 512p), else "psnr"."""
     groups = {}
     for pt in points:
         groups.setdefault((pt["num_frames"], pt["image_size"]), []).append(pt)
@@ -66,10 +59,9 @@ def sweep_fits(points):
 
 
 def sweep_spreads(points):
-    """Fig. 3's other half: points of equal E but a different split (p, c) should score alike.
-    For each resolution and each E reached by two or more splits: the splits and each metric's
-    spread (largest minus smallest) over them, a split that has several checkpoints (seeds)
-    counting with their mean. (p, c) fixes q, given E and the frames."""
+    """Fig. 3's other half: equal E split differently (p, c, which fix q given E and the frames)
+    should score alike. Per resolution and E reached by several splits: the splits and each
+    metric's spread (max - min) over them, a split's checkpoints (seeds) averaged."""
     groups = {}  # (frames, size, E) -> (p, c) -> points
     for pt in points:
         key = (pt["num_frames"], pt["image_size"], pt["E"])
@@ -93,8 +85,7 @@ def print_sweep(points, fits, spreads):
     metrics = [m for m in (*SWEEP_METRICS, "baseline_psnr") if any(m in pt for pt in points)]
     print(f"\n{'checkpoint':<28}{'model':>10}{'p':>4}{'q':>3}{'c':>5}{'L':>7}{'E':>8}{'size':>6}"
           + "".join(f"{m:>14}" for m in metrics))
-    order = lambda pt: (pt["num_frames"], pt["image_size"], pt["E"], pt["p"])  # noqa: E731
-    for pt in sorted(points, key=order):
+    for pt in sorted(points, key=lambda pt: (pt["num_frames"], pt["image_size"], pt["E"], pt["p"])):
         name = os.path.basename(pt["ckpt"])[-28:]
         size = resolution(pt["num_frames"], pt["image_size"])
         values = "".join(f"{pt[m]:>14.4f}" if m in pt else f"{'-':>14}" for m in metrics)
@@ -113,9 +104,8 @@ def print_sweep(points, fits, spreads):
 
 
 def plot_sweep(path, points, fits):
-    """Fig. 3: one panel per metric, the metric against E on a log axis, one marker shape per
-    patch size, one colour per resolution, and the fitted line. matplotlib is optional: without
-    it, no plot and a message (False)."""
+    """Fig. 3: a panel per metric against E (log axis), a marker per patch size, a colour per
+    resolution, the fitted line. Without matplotlib (optional): a message and False."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -154,7 +144,7 @@ def plot_sweep(path, points, fits):
 
 
 def report(points, plot=None, json_path=None):
-    """Rank 0, after every point is evaluated: the table, fits and spreads; the plot; the JSON."""
+    """Rank 0, all points evaluated: the table, fits and spreads; the plot; the JSON."""
     if len({pt["data"] for pt in points}) > 1:
         print("note: the points were evaluated on different data (no --data: each on its "
               "training source)")

@@ -12,6 +12,7 @@ resume, EMA, the interval log, checkpoints) is in runtime.py.
 import copy
 import math
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -34,6 +35,7 @@ DEFAULTS = dict(
     gan_weight=0.05, gan_ramp=25_000,  # lambda (the appendix's ablation; the main text: 1.0)
     disc_lr=2e-5, disc_channels=None,  # None: by resolution, as the official code (64 at 256^2)
     ema=0.9999, ema_warmup=10,  # decay min(ema, (1 + step) / (ema_warmup + step))
+    stage1_ema=False,  # the paper keeps an EMA in stage 2 only
     precision="bf16", compile=False, grad_ckpt=False, workers=8, seed=0,
     log_every=100, ckpt_every=2_000, sample_every=5_000,
 )
@@ -65,6 +67,7 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clipping of the tokenizer",
     "ema": "EMA decay",
+    "stage1_ema": "keep an EMA in stage 1 too (the paper keeps one in stage 2 only)",
     "precision": ("bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
                   dict(choices=["bf16", "fp32"])),
     "compile": "torch.compile the tokenizer and the discriminator",
@@ -80,7 +83,8 @@ HELP = {
 # discriminator for the stage-2 demo.
 TINY = dict(model="T-T/16", data="deadleaves", image_size=64, global_batch_size=32, steps=2000,
             lr=24e-3, lpips_weight=0.0, gan_ramp=200, disc_channels=16, disc_lr=2e-3, ema=0.999,
-            precision="fp32", workers=2, log_every=50, ckpt_every=300, sample_every=600)
+            stage1_ema=True, precision="fp32", workers=2, log_every=50, ckpt_every=300,
+            sample_every=600)
 PRESETS = {
     "tiny": TINY,
     # The same for 4-frame 32x32 synthetic clips with 2x8x8 tubelets.
@@ -117,47 +121,112 @@ def lr_at(step, total, peak, warmup, final):
     return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
 
 
+def build(config, device, lpips=None, init=None):
+    """The raw modules and optimizers of a tokenizer run (§3.2): the ViTok (from `init` weights
+    when given), AdamW with the lr scaled linearly with the global batch (App. A), the EMA (in
+    stage 2; in stage 1 with --stage1-ema); in stage 2 the discriminator and its AdamW, with the
+    encoder and its projection to 2c frozen. `stateful` is what a checkpoint holds, by key; the
+    *_fwd handles are what the step calls (main compiles and wraps them)."""
+    gb, stage = config["global_batch_size"], config["stage"]
+    model = vitok.from_name(config["model"], channels=config["channels"],
+                            grad_ckpt=config["grad_ckpt"]).to(device)
+    if init is not None:
+        model.load_state_dict(init)
+    parts = SimpleNamespace(model=model, model_fwd=model, lpips=lpips, ema=None, disc=None)
+    if stage == 2:  # the discriminator sees single frames: a video is judged frame by frame
+        parts.disc = losses.Discriminator(config["image_size"], config["disc_channels"]).to(device)
+        for frozen in (model.embed, model.encoder, model.to_moments):
+            frozen.requires_grad_(False)
+    parts.params = [p for p in model.parameters() if p.requires_grad]
+    adamw = dict(betas=config["betas"], weight_decay=config["weight_decay"],
+                 fused=device.type == "cuda")
+    parts.opt = torch.optim.AdamW(parts.params, lr=config["lr"] * gb / 256, **adamw)
+    parts.stateful = dict(model=model, opt=parts.opt)
+    if stage == 2 or config["stage1_ema"]:  # the paper keeps no EMA in stage 1
+        parts.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        parts.stateful["ema"] = parts.ema
+    if parts.disc is not None:
+        parts.d_opt = torch.optim.AdamW(parts.disc.parameters(), lr=config["disc_lr"] * gb / 256,
+                                        **adamw)
+        parts.stateful.update(disc=parts.disc, disc_opt=parts.d_opt)
+        parts.disc_fwd = parts.disc_ddp = parts.disc
+    return parts
+
+
+def train_step(parts, step, x, config, rank=0, world=1):
+    """One step of Eq. 1, L = MSE + beta KL + eta LPIPS + lambda GAN, on this rank's images x
+    [B,3,(T,)H,W] (rows rank, rank + world, ... of the global batch); then, in stage 2, the
+    discriminator's step. Returns the loss terms as device tensors: no host sync. main() and
+    tools/gpu_check.py both run this function."""
+    device, precision, gb = x.device, config["precision"], config["global_batch_size"]
+    # The schedule is a function of the step alone: a resumed run continues it.
+    lr = lr_at(step, config["steps"], config["lr"] * gb / 256, config["warmup"],
+               config["final_lr"])
+    for group in parts.opt.param_groups:
+        group["lr"] = lr
+    # The posterior noise is drawn for the global batch: a run is the same for any rank count.
+    L = math.prod(parts.model.grid(x.shape[2:]))
+    noise = torch.randn(gb, L, config["channels"], device=device,
+                        generator=step_generator(config["seed"], step, device))[rank::world]
+
+    with autocast(device, precision):
+        x_hat, posterior = parts.model_fwd(x, noise)  # a posterior sample is decoded (§3.1)
+    # Losses in fp32: MSE and KL are means, so they do not depend on the batch split.
+    terms = {"mse": losses.mse_loss(x_hat, x), "kl": posterior.kl().mean()}
+    loss = terms["mse"] + config["beta"] * terms["kl"]
+    if parts.lpips is not None:
+        terms["lpips"] = parts.lpips(x_hat, x)
+        loss = loss + config["lpips_weight"] * terms["lpips"]
+    if parts.disc is not None:
+        # The generator's loss needs gradients with respect to x_hat only: D is frozen for it and
+        # called without DDP (which would wait for D's gradients); D's own step goes through DDP.
+        parts.disc.requires_grad_(False)
+        with autocast(device, precision):
+            terms["g_adv"] = losses.g_adv_loss(parts.disc_fwd(x_hat).float())
+        ramp = losses.adv_weight(step, config["gan_ramp"])
+        loss = loss + config["gan_weight"] * ramp * terms["g_adv"]
+    parts.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    # Clipped after backward, for real (the official code clips before backward: a no-op).
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(parts.params, config["grad_clip"])
+    parts.opt.step()
+    if parts.ema is not None:
+        decay = runtime.ema_decay(step, config["ema"], config["ema_warmup"])
+        runtime.update_ema(parts.ema, parts.model, decay)
+
+    # The discriminator's step: hinge loss on the batch and its reconstruction, one pass.
+    if parts.disc is not None:
+        parts.disc.requires_grad_(True)
+        with autocast(device, precision):
+            real, fake = parts.disc_ddp(torch.cat([x, x_hat.detach()])).float().chunk(2)
+        terms["d_loss"] = losses.d_hinge_loss(real, fake)
+        parts.d_opt.zero_grad(set_to_none=True)
+        terms["d_loss"].backward()  # not clipped: neither the paper nor StyleGAN2 clips D
+        parts.d_opt.step()
+    psnr = 10 * torch.log10(4.0 / terms["mse"].detach())  # the range of [-1,1] is 2
+    terms.update(loss=loss.detach(), psnr=psnr)
+    return terms
+
+
 def main(args):
     config = resolve(args)
     # Joins the ranks, finds the checkpoint to resume from, seeds the initial weights.
     run = runtime.TrainingRun(config)
-    device, stage = run.device, config["stage"]
-    gb, seed, precision = config["global_batch_size"], config["seed"], config["precision"]
+    device, seed = run.device, config["seed"]
 
     # Build. LPIPS first: with eta > 0 a missing VGG16 file stops the run before any work.
     lpips = None
     if config["lpips_weight"] > 0:  # its VGG trunk in bf16 on GPU
-        lpips = losses.LPIPS(precision=runtime.precision_used(device, precision)).to(device)
-    model = vitok.from_name(config["model"], channels=config["channels"],
-                            grad_ckpt=config["grad_ckpt"]).to(device)
-    # Stage 2's discriminator sees single frames: a video tokenizer is judged frame by frame.
-    disc = None
-    if stage == 2:
-        disc = losses.Discriminator(config["image_size"], config["disc_channels"]).to(device)
-        if run.state is None:
-            model.load_state_dict(stage1_weights(config))
-        # §3.2: freeze the encoder and its projection to 2c; fine-tune the decoder side only
-        for frozen in (model.embed, model.encoder, model.to_moments):
-            frozen.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # AdamW with the learning rates scaled linearly with the global batch (App. A).
-    adamw = dict(betas=config["betas"], weight_decay=config["weight_decay"],
-                 fused=device.type == "cuda")
-    opt = torch.optim.AdamW(params, lr=config["lr"] * gb / 256, **adamw)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # evaluation and stage 2 use it
-    stateful = dict(model=model, ema=ema, opt=opt)  # what a checkpoint holds, by its key
-    if disc is not None:
-        d_opt = torch.optim.AdamW(disc.parameters(), lr=config["disc_lr"] * gb / 256, **adamw)
-        stateful.update(disc=disc, disc_opt=d_opt)
-
+        precision = runtime.precision_used(device, config["precision"])
+        lpips = losses.LPIPS(precision=precision).to(device)
+    init = stage1_weights(config) if config["stage"] == 2 and run.state is None else None
+    parts = build(config, device, lpips, init)
     # Resume, then compile and wrap for DDP; the raw modules stay for EMA, grids and checkpoints.
-    run.resume(stateful, same=("kind", "stage", "model", "channels", "num_frames"))
-    model_ddp = run.ddp(run.compile(model))
-    # The discriminator has two handles: the generator's adversarial loss only needs gradients
-    # with respect to x_hat, so it calls D without DDP (D's weights are frozen then, and DDP would
-    # wait for their gradients); D's own step goes through DDP to average them over ranks.
-    disc_fwd = run.compile(disc)
-    disc_ddp = run.ddp(disc_fwd)
+    run.resume(parts.stateful, same=("kind", "stage", "model", "channels", "num_frames"))
+    parts.model_fwd = run.ddp(run.compile(parts.model))
+    if parts.disc is not None:
+        parts.disc_fwd = run.compile(parts.disc)
+        parts.disc_ddp = run.ddp(parts.disc_fwd)
 
     # Each rank loads its interleaved share of the global batch; a resumed run starts at the
     # batch it stopped at.
@@ -167,73 +236,30 @@ def main(args):
     loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed,
                                   start_step=run.start, num_workers=config["workers"])
     x_vis = torch.stack([dataset[i][0] for i in range(8)]).to(device)  # for the grids
-    # The posterior noise is drawn for the whole global batch: a run is the same for any number
-    # of ranks.
-    t, h, w = model.grid((config["num_frames"], config["image_size"], config["image_size"]))
-    noise_shape = (gb, t * h * w, config["channels"])  # [B,L,c]
+    shown = parts.ema if parts.ema is not None else parts.model  # what evaluate.py would use
     millions = lambda ps: sum(p.numel() for p in ps) / 1e6  # noqa: E731
-    run.print0(f"{config['model']} c={config['channels']}: {millions(model.parameters()):.1f}M "
-               f"params ({millions(params):.1f}M trained), {len(dataset)} samples, {run.world} "
-               f"rank(s), batch {run.batch}/rank, stage {stage}, steps {run.start}->"
-               f"{config['steps']}")
+    run.print0(f"{config['model']} c={config['channels']}: {millions(parts.model.parameters()):.1f}"
+               f"M params ({millions(parts.params):.1f}M trained), {len(dataset)} samples, "
+               f"{run.world} rank(s), batch {run.batch}/rank, stage {config['stage']}, steps "
+               f"{run.start}->{config['steps']}")
 
     for step in range(run.start, config["steps"]):
         x, _ = next(loader)  # labels are not used: the tokenizer is unconditional
-        x = x.to(device, non_blocking=True)
-        # The schedule is a function of the step alone: a resumed run continues it.
-        lr = lr_at(step, config["steps"], config["lr"] * gb / 256, config["warmup"],
-                   config["final_lr"])
-        for group in opt.param_groups:
-            group["lr"] = lr
-        noise = torch.randn(noise_shape, generator=step_generator(seed, step, device),
-                            device=device)[run.rank::run.world]  # this rank's rows
-
-        # The tokenizer's step, Eq. 1: L = MSE + beta KL + eta LPIPS + lambda GAN.
-        with autocast(device, precision):
-            x_hat, posterior = model_ddp(x, noise)  # a posterior sample is decoded (§3.1)
-        # Losses in fp32: MSE and KL are means, so they do not depend on the batch split.
-        terms = {"mse": losses.mse_loss(x_hat, x), "kl": posterior.kl().mean()}
-        loss = terms["mse"] + config["beta"] * terms["kl"]
-        if lpips is not None:
-            terms["lpips"] = lpips(x_hat, x)
-            loss = loss + config["lpips_weight"] * terms["lpips"]
-        if disc is not None:
-            disc.requires_grad_(False)  # the generator's loss must not leave gradients in D
-            with autocast(device, precision):
-                terms["g_adv"] = losses.g_adv_loss(disc_fwd(x_hat).float())
-            ramp = losses.adv_weight(step, config["gan_ramp"])
-            loss = loss + config["gan_weight"] * ramp * terms["g_adv"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # Clipped after backward, for real (the official code clips before backward: a no-op).
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
-        opt.step()
-        runtime.update_ema(ema, model, runtime.ema_decay(step, config["ema"],
-                                                         config["ema_warmup"]))
-
-        # The discriminator's step: hinge loss on the batch and its reconstruction, one pass.
-        if disc is not None:
-            disc.requires_grad_(True)
-            with autocast(device, precision):
-                real, fake = disc_ddp(torch.cat([x, x_hat.detach()])).float().chunk(2)
-            terms["d_loss"] = losses.d_hinge_loss(real, fake)
-            d_opt.zero_grad(set_to_none=True)
-            terms["d_loss"].backward()  # not clipped: neither the paper nor StyleGAN2 clips D
-            d_opt.step()
-
-        # Device tensors, read once per log interval (no host sync in the step).
-        psnr = 10 * torch.log10(4.0 / terms["mse"].detach())  # the range of [-1,1] is 2
-        terms.update(loss=loss.detach(), psnr=psnr)
-        run.after_step(step, terms, stateful, lr=lr)
+        terms = train_step(parts, step, x.to(device, non_blocking=True), config, run.rank,
+                           run.world)
+        run.after_step(step, terms, parts.stateful, lr=parts.opt.param_groups[0]["lr"])
         if run.every(step, "sample_every") and run.rank == 0:
-            with torch.no_grad(), autocast(device, precision):
-                path = os.path.join(config["out_dir"], f"recon_{step + 1:07d}.png")
-                runtime.save_grid(path, x_vis, ema(x_vis)[0])
+            training, path = shown.training, os.path.join(config["out_dir"],
+                                                          f"recon_{step + 1:07d}.png")
+            with torch.no_grad(), autocast(device, config["precision"]):
+                runtime.save_grid(path, x_vis, shown.eval()(x_vis)[0])  # posterior means
+            shown.train(training)
     run.finish()
 
 
 def stage1_weights(config):
-    """A fresh stage 2 starts from the stage-1 EMA weights of --init (the better stage-1 model)."""
+    """A fresh stage 2 starts from --init's evaluation weights: its EMA when it kept one (the
+    better stage-1 model), else its model (the paper's stage 1 keeps no EMA)."""
     if config["init"] is None:
         raise UserError("stage 2 starts from stage-1 weights: pass --init stage1.pt")
     init = runtime.read_checkpoint(config["init"], kind="ae")

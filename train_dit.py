@@ -12,7 +12,9 @@ of its mirror, so that both paths see the same distribution.
 """
 import copy
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -101,8 +103,7 @@ def main(args):
     config, ae = resolve(args)
     # Joins the ranks, finds the checkpoint to resume from, seeds the initial weights.
     run = runtime.TrainingRun(config)
-    device, gb, seed, precision = run.device, config["global_batch_size"], config["seed"], \
-        config["precision"]
+    device = run.device
 
     # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache.
     ae = ae.to(device)
@@ -122,73 +123,87 @@ def main(args):
         run.print0("unlabelled data: training with the null class only (unconditional)")
 
     # Build, resume, compile, wrap; the raw modules stay for EMA, samples and checkpoints.
-    # The DiT's token grid is the tokenizer's latent grid: one DiT token per latent token (§3.3).
+    parts = build(config, device, ae)
+    # A checkpoint of another DiT, tokenizer grid or label set is refused, never half-loaded.
+    run.resume(parts.stateful, same=("kind", "model", "channels", "grid", "num_classes"))
+    parts.model_fwd = run.ddp(run.compile(parts.model))
+
+    # Each rank loads its interleaved share of the global batch; a resumed run starts at the
+    # batch it stopped at.
+    loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, config["seed"],
+                                  start_step=run.start, num_workers=config["workers"])
+    millions = sum(p.numel() for p in parts.model.parameters()) / 1e6
+    run.print0(f"{config['model']}: {millions:.1f}M params on {math.prod(config['grid'])} tokens "
+               f"of {config['channels']} channels from {config['ae_model']}; {len(dataset)} "
+               f"samples, {run.world} rank(s), batch {run.batch}/rank, steps {run.start}->"
+               f"{config['steps']}")
+
+    for step in range(run.start, config["steps"]):
+        x, y = next(loader)  # pixels [B,3,(T,)H,W] or cached moments [B,2,L,2c]; labels or -1
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        terms = train_step(parts, step, x, y, config, run.rank, run.world)
+        run.after_step(step, terms, parts.stateful, lr=parts.opt.param_groups[0]["lr"])
+        if run.every(step, "sample_every") and run.rank == 0:
+            path = os.path.join(config["out_dir"], f"samples_{step + 1:07d}.png")
+            save_samples(path, parts.ema, ae, config, device)
+    run.finish()
+
+
+def build(config, device, ae=None):
+    """The raw modules and optimizer of a DiT run: the DiT on the tokenizer's latent grid (one DiT
+    token per latent token, §3.3), AdamW, the EMA that evaluate.py samples from; `ae` encodes
+    pixels when there is no latent cache. `stateful` is what a checkpoint holds, by key."""
     model = dit.DiT_models[config["model"]](
         channels=config["channels"], grid=config["grid"], num_classes=config["num_classes"],
         grad_ckpt=config["grad_ckpt"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=config["betas"],
                             weight_decay=config["weight_decay"], fused=device.type == "cuda")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    stateful = dict(model=model, ema=ema, opt=opt)  # what a checkpoint holds, by its key
-    # A checkpoint of another DiT, tokenizer grid or label set is refused, never half-loaded.
-    run.resume(stateful, same=("kind", "model", "channels", "grid", "num_classes"))
-    model_ddp = run.ddp(run.compile(model))
+    return SimpleNamespace(model=model, model_fwd=model, ema=ema, opt=opt, ae=ae,
+                           stateful=dict(model=model, ema=ema, opt=opt))
 
-    # Each rank loads its interleaved share of the global batch; a resumed run starts at the
-    # batch it stopped at.
-    loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, seed,
-                                  start_step=run.start, num_workers=config["workers"])
-    L, c, mine = int(np.prod(config["grid"])), config["channels"], slice(run.rank, None, run.world)
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
-    run.print0(f"{config['model']}: {millions:.1f}M params on {L} tokens of {c} channels from "
-               f"{config['ae_model']}; {len(dataset)} samples, {run.world} rank(s), batch "
-               f"{run.batch}/rank, steps {run.start}->{config['steps']}")
 
-    for step in range(run.start, config["steps"]):
-        x, y = next(loader)  # pixels [B,3,(T,)H,W] or cached moments [B,2,L,2c]; labels or -1
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # Every random number of the step is drawn for the global batch from one (seed, step)
-        # generator; this rank takes the rows of its samples, as the loader deals them.
-        gen = step_generator(seed, step, device)
-        flip = torch.rand(gb, generator=gen, device=device)[mine] < 0.5  # DiT's random flip
-        posterior_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
-        t = torch.randint(0, dit.NUM_TIMESTEPS, (gb,), generator=gen, device=device)[mine]
-        diffusion_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
-        u = torch.rand(gb, generator=gen, device=device)[mine]
-        y = dit.drop_labels(y, config["num_classes"], u, config["class_dropout"])
+def train_step(parts, step, x, y, config, rank=0, world=1):
+    """One step of L_hybrid = L_simple + L_vb (IDDPM) on this rank's samples: x pixels
+    [B,3,(T,)H,W] encoded by the frozen tokenizer, or cached moments [B,2,L,2c] of each image
+    and its mirror; y labels [B]. Returns the loss terms as device tensors: no host sync. main()
+    and tools/gpu_check.py both run this function."""
+    device, gb, precision = x.device, config["global_batch_size"], config["precision"]
+    L, c, mine = math.prod(config["grid"]), config["channels"], slice(rank, None, world)
+    # Every random number of the step is drawn for the global batch from one (seed, step)
+    # generator; this rank takes the rows of its samples, as the loader deals them.
+    gen = step_generator(config["seed"], step, device)
+    flip = torch.rand(gb, generator=gen, device=device)[mine] < 0.5  # DiT's random flip
+    posterior_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
+    t = torch.randint(0, dit.NUM_TIMESTEPS, (gb,), generator=gen, device=device)[mine]
+    diffusion_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]
+    u = torch.rand(gb, generator=gen, device=device)[mine]
+    y = dit.drop_labels(y, config["num_classes"], u, config["class_dropout"])
 
-        with torch.no_grad():  # the tokenizer is frozen: no graph through it
-            if config["latent_cache"]:  # x: the moments of the image and its mirror [B,2,L,2c]
-                moments = x[torch.arange(len(x), device=device), flip.long()]
-                posterior = vitok.DiagonalGaussian(moments)
-            else:
-                x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
-                with autocast(device, precision):
-                    posterior = ae.encode(x)
-            z = posterior.sample(posterior_noise) * config["latent_scale"]  # [B,L,c]
-        # L_hybrid = L_simple + L_vb (IDDPM) over the rank's latents; DDP averages the gradients.
-        with autocast(device, precision):
-            terms = dit.training_losses(model_ddp, z, y, t, diffusion_noise)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        # Not clipped by default (DiT does not clip): then the norm is only measured.
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if config["grad_clip"] > 0:
-            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                config["grad_clip"])
+    with torch.no_grad():  # the tokenizer is frozen: no graph through it
+        if config["latent_cache"]:  # x: the moments of the image and its mirror [B,2,L,2c]
+            posterior = vitok.DiagonalGaussian(x[torch.arange(len(x), device=device),
+                                                 flip.long()])
         else:
-            terms["grad_norm"] = torch.nn.utils.get_total_norm(grads)
-        opt.step()
-        # The EMA is what evaluate.py samples from.
-        runtime.update_ema(ema, model, runtime.ema_decay(step, config["ema"],
-                                                         config["ema_warmup"]))
-
-        terms.update(z_mean=z.mean(), z_std=z.std())  # unscaled latents (the paper): their scale
-        run.after_step(step, terms, stateful)
-        if run.every(step, "sample_every") and run.rank == 0:
-            path = os.path.join(config["out_dir"], f"samples_{step + 1:07d}.png")
-            save_samples(path, ema, ae, config, device)
-    run.finish()
+            x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+            with autocast(device, precision):
+                posterior = parts.ae.encode(x)
+        z = posterior.sample(posterior_noise) * config["latent_scale"]  # [B,L,c]
+    with autocast(device, precision):  # DDP averages the gradients over ranks
+        terms = dit.training_losses(parts.model_fwd, z, y, t, diffusion_noise)
+    parts.opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    params = parts.model.parameters()
+    if config["grad_clip"] > 0:
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
+    else:  # not clipped (DiT does not clip): the norm is only measured
+        terms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params
+                                                            if p.grad is not None])
+    parts.opt.step()
+    decay = runtime.ema_decay(step, config["ema"], config["ema_warmup"])
+    runtime.update_ema(parts.ema, parts.model, decay)
+    terms.update(z_mean=z.mean(), z_std=z.std())  # unscaled latents (the paper): their scale
+    return terms
 
 
 CACHE_KEYS = ("ae_ckpt", "data", "image_size", "num_frames", "frame_stride", "split_file")

@@ -3,8 +3,8 @@
     x [B,3,T,H,W] -> tubelets -> ViT encoder -> KL bottleneck z [B,L,c]
                   -> ViT decoder -> tubelets -> x_hat
 
-Names follow the paper: "S-B/16" is an S encoder, a B decoder and 16x16 patches; "S-B/4x8" is the
-video model with 4x8x8 tubelets. An image is a one-frame video, so one code path serves both.
+Names follow the paper: "S-B/16" is an S encoder, a B decoder and 16x16 patches; "S-B/4x8" the
+video model with 4x8x8 tubelets. An image is a one-frame video: one code path serves both.
 """
 import re
 
@@ -16,8 +16,8 @@ from torch.utils.checkpoint import checkpoint
 import runtime
 
 # Transformer sizes (paper Table 1). S is not ViT-S: the paper widens it to 768 and halves the
-# depth; L is 1152 wide so that its 72-dim heads split evenly over the three RoPE axes. T is ours:
-# a tiny size for CPU demos/tests.
+# depth; L is 1152 wide so that its 72-dim heads split evenly over the three RoPE axes. T (tiny,
+# for CPU demos/tests) is ours.
 VIT_SIZES = {
     "T": dict(width=128, depth=4, heads=2),
     "S": dict(width=768, depth=6, heads=12),
@@ -27,14 +27,11 @@ VIT_SIZES = {
 ALIASES = {"tiny": "T-T/16"}  # the model of train_ae.py --preset tiny
 
 
-# ---------------------------------------------------------------------------------------------
-# 3D axial rotary position embedding (§3.1, "3D RoPE")
-# ---------------------------------------------------------------------------------------------
+# ---- 3D axial rotary position embedding (§3.1, "3D RoPE") ----
 def rope_split(head_dim):
-    """How many rotation pairs each axis (t, h, w) gets. Equal thirds when head_dim/2 divides by 3
-    (L: 12/12/12 pairs); otherwise 1/4 of the pairs for time and 3/8 for each spatial axis (64-dim
-    heads: 8/12/12 pairs, i.e. 16/24/24 channels), because images, the t=0 case, only use the
-    spatial pairs."""
+    """Rotation pairs per axis (t, h, w): equal thirds when head_dim/2 divides by 3 (L: 12/12/12);
+    otherwise 1/4 for time and 3/8 for each spatial axis (64-dim heads: 8/12/12 pairs, i.e.
+    16/24/24 channels), as images (t=0) use only the spatial pairs."""
     pairs = head_dim // 2
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
@@ -49,18 +46,14 @@ _ROPE_CACHE = {}
 
 def rope_table(grid, head_dim, device, theta=10000.0):
     """cos and sin [L, head_dim/2] for a (t,h,w) token grid in raster order; fp32, built once per
-    grid, directly on `device`.
-
-    Pair j of a head rotates channels (j, j + head_dim/2) by angle pos_axis(j) * theta^(-2k/n_axis),
-    where the first pairs belong to t, then h, then w. Scores q.k then depend only on the offsets
-    along each axis.
-    """
+    grid and device. Pair j of a head rotates channels (j, j + head_dim/2) by angle
+    pos_axis(j) * theta^(-2k/n_axis), the first pairs for t, then h, then w, so that scores q.k
+    depend only on per-axis offsets."""
     key = (tuple(grid), head_dim, theta, str(device))
     if torch.compiler.is_compiling() or key not in _ROPE_CACHE:  # this order: no guard on the dict
-        # Under torch.compile the table is built inside the graph: a guard on this dict would
-        # recompile the model once after the first call has filled it. So it is built on `device`
-        # itself: a table built on the CPU would cost a blocking host-to-device copy every forward.
-        # The angles are computed in fp64, except on MPS, which has no fp64; the table is fp32.
+        # Under torch.compile the table is built in the graph (a guard on this dict would
+        # recompile once it is filled), so on `device`: a CPU table would cost a blocking
+        # host-to-device copy every forward. Angles in fp64 (MPS has none: fp32).
         device = torch.device(device)
         dtype = torch.float32 if device.type == "mps" else torch.float64
         angles = []
@@ -69,7 +62,7 @@ def rope_table(grid, head_dim, device, theta=10000.0):
             pos = torch.arange(size, dtype=dtype, device=device)
             angles.append(pos[:, None] * freqs)  # [size, n]
         t, h, w = grid
-        # Broadcast each axis over the grid, then flatten in (t,h,w) raster order.
+        # each axis broadcast over the grid, flattened in (t,h,w) raster order
         angle = torch.cat([
             angles[0][:, None, None, :].expand(t, h, w, -1),
             angles[1][None, :, None, :].expand(t, h, w, -1),
@@ -83,15 +76,12 @@ def rope_table(grid, head_dim, device, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x [B,heads,L,head_dim] by the table (cos, sin) [L, head_dim/2]; computed in fp32
-    (bf16-safe)."""
+    """Rotate x [B,heads,L,head_dim] by (cos, sin) [L, head_dim/2], in fp32 (bf16-safe)."""
     x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# Transformer (§3.1: "Llama-style" pre-norm blocks with SwiGLU and RoPE; LayerNorm as in the paper)
-# ---------------------------------------------------------------------------------------------
+# ---- Transformer (§3.1: "Llama-style" pre-norm, SwiGLU, RoPE; LayerNorm as in the paper) ----
 class Attention(nn.Module):
     """Multi-head self-attention: a fused bias-free qkv, RoPE on q and k, SDPA (flash on GPU)."""
 
@@ -115,8 +105,7 @@ class Attention(nn.Module):
 
 class SwiGLU(nn.Module):
     """w3(silu(w1 x) * w2 x) with w1, w2 fused. The paper says SwiGLU; the official code silently
-    uses a GELU gate. hidden = int(2.67 * width) keeps the paper's parameter counts (about the
-    4x-MLP budget)."""
+    uses a GELU gate. hidden = int(2.67 * width) keeps the paper's parameter counts (a 4x MLP's)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -129,10 +118,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x += Attn(LN(x)); x += MLP(LN(x)).
-
-    No dropout, drop-path or layer scale.
-    """
+    """Pre-norm block: x += Attn(LN(x)); x += MLP(LN(x)); no dropout, drop-path or layer scale."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -147,8 +133,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks and a final LayerNorm; `grad_ckpt` recomputes each block in backward to
-    save memory."""
+    """Blocks and a final LayerNorm; `grad_ckpt` recomputes blocks in backward to save memory."""
 
     def __init__(self, width, depth, heads, grad_ckpt=False):
         super().__init__()
@@ -167,9 +152,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-# ---------------------------------------------------------------------------------------------
-# KL bottleneck (§3.1, Eq. 1: L_AE = MSE + beta KL + eta LPIPS + lambda GAN)
-# ---------------------------------------------------------------------------------------------
+# ---- KL bottleneck (§3.1, Eq. 1: L_AE = MSE + beta KL + eta LPIPS + lambda GAN) ----
 class DiagonalGaussian:
     """Posterior q(z|x) = N(mean, exp(logvar)) per token and channel; mean, logvar [B,L,c]."""
 
@@ -182,8 +165,8 @@ class DiagonalGaussian:
         return torch.exp(0.5 * self.logvar)
 
     def sample(self, noise=None):
-        """z = mean + std * noise; noise [B,L,c] may be given (train_ae.py draws it per global
-        batch so that a run does not depend on the number of ranks)."""
+        """z = mean + std * noise [B,L,c], given or drawn (train_ae.py draws it per global batch,
+        so that a run is independent of the rank count)."""
         noise = torch.randn_like(self.mean) if noise is None else noise.to(self.mean.dtype)
         return self.mean + self.std * noise
 
@@ -192,21 +175,15 @@ class DiagonalGaussian:
 
     def kl(self):
         """KL(q || N(0,I)) averaged over tokens and channels -> [B]. A mean, not LDM's sum (README,
-        Differences): with beta = 1e-3 the paper's regularisation strength only makes sense per
-        element."""
+        Differences): the paper's beta = 1e-3 only makes sense per element."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).mean(dim=(1, 2))
 
 
-# ---------------------------------------------------------------------------------------------
-# The tokenizer
-# ---------------------------------------------------------------------------------------------
+# ---- The tokenizer ----
 class ViTok(nn.Module):
     """Tubelet embedding -> encoder -> KL bottleneck -> decoder -> per-token linear head
-    (§3.1, Fig. 2).
-
-    The encoder and decoder keep their own widths: the official code gives both the decoder's
-    width, but the paper's parameter counts (Tables 3-5) only come out with separate widths.
-    """
+    (§3.1, Fig. 2). Encoder and decoder keep their own widths: the official code gives both the
+    decoder's, but the paper's parameter counts (Tables 3-5) only come out with separate widths."""
 
     def __init__(self, encoder="S", decoder="B", channels=16, patch_size=16, tubelet_size=1,
                  grad_ckpt=False):
@@ -221,8 +198,7 @@ class ViTok(nn.Module):
         self.from_latent = nn.Linear(channels, dec["width"])
         self.decoder = Transformer(dec["width"], dec["depth"], dec["heads"], grad_ckpt)
         self.head = nn.Linear(dec["width"], tubelet_dim)  # no output activation
-        # Xavier-uniform weights and zero biases, as the official code; LayerNorm's (1, 0) is
-        # torch's default.
+        # Xavier-uniform weights and zero biases, as the official code (LayerNorm: torch's (1, 0))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -230,8 +206,7 @@ class ViTok(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def grid(self, size):
-        """Token grid (t,h,w) for an input of size (T,H,W) or (H,W); refuses sizes the tubelet does
-        not divide."""
+        """Token grid (t,h,w) of an input of size (T,H,W) or (H,W) that the tubelet divides."""
         size = (1, *size) if len(size) == 2 else tuple(size)
         tubelet = (self.tubelet_size, self.patch_size, self.patch_size)
         if any(s % k or s == 0 for s, k in zip(size, tubelet)):
@@ -250,7 +225,7 @@ class ViTok(nn.Module):
         return x.reshape(B, (T // q) * (H // p) * (W // p), C * q * p * p)
 
     def unpatchify(self, x, grid):
-        """tubelets [B,L,3*q*p*p] -> [B,3,T,H,W]; the inverse of patchify."""
+        """tubelets [B,L,3*q*p*p] -> [B,3,T,H,W], the inverse of patchify."""
         (t, h, w), q, p = grid, self.tubelet_size, self.patch_size
         x = x.reshape(x.shape[0], t, h, w, 3, q, p, p)
         x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, 3, t, q, h, p, w, p]
@@ -277,8 +252,8 @@ class ViTok(nn.Module):
         return x.squeeze(2) if len(size) == 2 else x
 
     def forward(self, x, noise=None):
-        """x [B,3,(T,)H,W] -> (x_hat with x's shape, posterior). z is sampled in training (with
-        `noise` when given), the mean in eval."""
+        """x [B,3,(T,)H,W] -> (x_hat with x's shape, posterior); z is sampled (with `noise` when
+        given) in training, the mean in eval."""
         posterior = self.encode(x)
         z = posterior.sample(noise) if self.training else posterior.mode()
         return self.decode(z, x.shape[2:]), posterior
@@ -286,14 +261,14 @@ class ViTok(nn.Module):
 
 def frames_to_batch(x):
     """Video [B,3,T,H,W] -> frames [B*T,3,H,W] (clip-major: the frames of clip 0 come first);
-    images pass unchanged. Per-frame losses and metrics (LPIPS, the discriminator, PSNR/SSIM,
-    Inception features) all fold frames this way."""
+    images pass unchanged. Per-frame losses and metrics (LPIPS, discriminator, PSNR/SSIM,
+    Inception) fold frames this way."""
     return x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x
 
 
 def from_name(name, channels=16, **overrides):
-    """Build a tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny"
-    (= "T-T/16"). overrides go to ViTok (e.g. grad_ckpt=True)."""
+    """A tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny" ("T-T/16");
+    overrides go to ViTok (e.g. grad_ckpt=True)."""
     match = re.fullmatch(r"([TSBL])-([TSBL])/(?:(\d+)x)?(\d+)", ALIASES.get(name, name))
     if match is None:
         raise runtime.UserError(f"unknown tokenizer name {name!r}: expected <Enc>-<Dec>/<p> or "
@@ -306,8 +281,8 @@ def from_name(name, channels=16, **overrides):
 
 
 def from_checkpoint(ckpt, name=None):
-    """A tokenizer written by train_ae.py, from its path or its already-read dict (a caller that
-    needs the config reads the file once): EMA weights when present, eval mode, on CPU."""
+    """A tokenizer written by train_ae.py, from its path or its already-read dict (read once by a
+    caller that needs the config): EMA weights when present, eval mode, on CPU."""
     name = name or str(ckpt)
     if not isinstance(ckpt, dict):
         ckpt = runtime.read_checkpoint(ckpt, kind="ae")
