@@ -112,7 +112,7 @@ def merge(args, defaults, presets, kind):
     return {**defaults, **presets.get(args.preset, {}), **flags, "kind": kind}
 
 
-# ---- Checkpoints: plain dicts {model, ema, opt, step, config, rng, ...}; config["kind"] says whose ----
+# ---- Checkpoints: plain dicts of state dicts, step, config and RNG; config["kind"] says whose ----
 KINDS = {"ae": "a tokenizer checkpoint (train_ae.py)", "dit": "a DiT checkpoint (train_dit.py)"}
 
 
