@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -149,7 +150,23 @@ def load_weights(model, ckpt, name):
     return model.eval()
 
 
-# ---- EMA and image grids ----
+# ---- The learning rate, EMA and image grids ----
+def lr_at(step, total, peak, warmup, final):
+    """Linear warmup over the first `warmup` fraction of the steps, then cosine decay to `final`."""
+    warmup_steps = max(1, int(warmup * total))
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(opt, step, config):
+    """Set the lr of `step`: lr_at with the peak config["lr"] given for a global batch of 256 and
+    scaled linearly (App. A). A function of the step alone: a resumed run continues it."""
+    peak = config["lr"] * config["global_batch_size"] / 256
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, config["steps"], peak, config["warmup"], config["final_lr"])
+
 def ema_decay(step, decay, warmup):
     """min(decay, (1 + step) / (warmup + step)): the usual warm-up, so that short runs have a
     useful EMA too (README, Differences); warmup 0 turns it off."""

@@ -112,15 +112,6 @@ def resolve(args):
     return config
 
 
-def lr_at(step, total, peak, warmup, final):
-    """Linear warmup over the first `warmup` fraction of the steps, then cosine decay to `final`."""
-    warmup_steps = max(1, int(warmup * total))
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-    return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
-
-
 def build(config, device, lpips=None, init=None):
     """The raw modules and optimizers of a tokenizer run (§3.2): the ViTok (from `init` weights
     when given), AdamW with the lr scaled linearly with the global batch (App. A), the EMA (in
@@ -159,11 +150,7 @@ def train_step(parts, step, x, config, rank=0, world=1):
     discriminator's step. Returns the loss terms as device tensors: no host sync. main() and
     tools/gpu_check.py both run this function."""
     device, precision, gb = x.device, config["precision"], config["global_batch_size"]
-    # The schedule is a function of the step alone: a resumed run continues it.
-    lr = lr_at(step, config["steps"], config["lr"] * gb / 256, config["warmup"],
-               config["final_lr"])
-    for group in parts.opt.param_groups:
-        group["lr"] = lr
+    runtime.set_lr(parts.opt, step, config)
     # The posterior noise is drawn for the global batch: a run is the same for any rank count.
     L = math.prod(parts.model.grid(x.shape[2:]))
     noise = torch.randn(gb, L, config["channels"], device=device,

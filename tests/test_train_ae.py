@@ -11,6 +11,7 @@ import torch
 from conftest import kill_at_step
 import losses
 import train_ae
+import runtime
 import vitok
 from runtime import UserError
 
@@ -34,7 +35,7 @@ def metrics(path):
 
 def test_lr_schedule_warms_up_then_decays_to_final():
     total, peak, d = 1000, 1e-3, train_ae.DEFAULTS
-    lr = lambda step: train_ae.lr_at(step, total, peak, d["warmup"], d["final_lr"])  # noqa: E731
+    lr = lambda step: runtime.lr_at(step, total, peak, d["warmup"], d["final_lr"])  # noqa: E731
     assert lr(0) == pytest.approx(peak / 30)  # 3% warmup = 30 steps
     assert lr(29) == pytest.approx(peak)
     assert lr(30 + 485) == pytest.approx((peak + 1e-5) / 2)  # half way through the cosine
