@@ -92,7 +92,10 @@ def _to_x(frames, num_frames):
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Files, read by a subclass's load(i, gen) -> [T,3,h,w]; keys: module docstring."""
+    """Files, read by a subclass's load(i, gen) -> [T,3,h,w]; keys: module docstring. A clip's
+    temporal window: `window` None (random when training, else centred), "random", or the
+    fraction of the free frames before its start (0: the first frames, 1: the last)."""
+    window = None
 
     def __init__(self, items, labels, num_classes, size, num_frames, train, source, stride=3):
         self.items, self.labels, self.num_classes = items, labels, num_classes
@@ -122,11 +125,12 @@ class FileDataset(torch.utils.data.Dataset):
         raise UserError(f"no readable file in {self.source}")
 
     def pick(self, n, gen):
-        """num_frames indices at the stride out of n, from a random start (training) or centred; a
-        short clip repeats its last frame."""
-        span = (self.num_frames - 1) * self.stride + 1
-        start = (int(torch.randint(0, max(1, n - span + 1), (1,), generator=gen)) if self.train
-                 else max(0, n - span) // 2)
+        """num_frames indices at the stride out of n, from the start `window` gives; a short clip
+        repeats its last frame."""
+        free = max(0, n - (self.num_frames - 1) * self.stride - 1)  # starts after the first
+        window = self.window if self.window is not None else "random" if self.train else 0.5
+        start = (int(torch.randint(0, free + 1, (1,), generator=gen)) if window == "random"
+                 else int(window * free))
         return [min(start + k * self.stride, n - 1) for k in range(self.num_frames)]
 
 

@@ -162,10 +162,12 @@ def lr_at(step, total, peak, warmup, final):
 
 def set_lr(opt, step, config):
     """Set the lr of `step`: lr_at with the peak config["lr"] given for a global batch of 256 and
-    scaled linearly (App. A). A function of the step alone: a resumed run continues it."""
+    scaled linearly (App. A), down to config["final_lr"] (None: constant). A function of the step
+    alone: a resumed run continues it."""
     peak = config["lr"] * config["global_batch_size"] / 256
+    final = peak if config["final_lr"] is None else config["final_lr"]
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, config["steps"], peak, config["warmup"], config["final_lr"])
+        group["lr"] = lr_at(step, config["steps"], peak, config["warmup"], final)
 
 def ema_decay(step, decay, warmup):
     """min(decay, (1 + step) / (warmup + step)): the usual warm-up, so that short runs have a

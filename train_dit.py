@@ -35,6 +35,7 @@ DEFAULTS = dict(
     # applied, so none here (the norm is still logged). --preset dit: DiT's constant 1e-4.
     lr=1e-4, warmup=0.1, final_lr=3e-5, betas=(0.9, 0.95), weight_decay=1e-4, grad_clip=0.0,
     ema=0.9999, ema_warmup=10, class_dropout=0.1, latent_scale=1.0, latent_cache=None,
+    cache_windows=8,  # video: 8 overlapping windows span a 7 s UCF-101 clip (46 frames each)
     precision="bf16", compile=False, grad_ckpt=False, workers=8, seed=0,
     log_every=100, ckpt_every=5_000, sample_every=10_000, cfg_scale=4.0, sample_steps=50,
 )
@@ -50,13 +51,14 @@ HELP = {
     "out_dir": "metrics.jsonl and sample grids (None: <ckpt>-logs)",
     "lr": "peak learning rate for a global batch of 256",
     "warmup": "fraction of the steps of linear warm-up",
-    "final_lr": "learning rate at the end of the cosine (= --lr: constant)",
+    "final_lr": "learning rate at the end of the cosine (--preset dit: constant)",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clipping; 0 is off",
     "ema": "EMA decay",
     "class_dropout": "probability that a label becomes the null class (for guidance)",
     "latent_scale": "the DiT trains on z * scale (1: unscaled, as the paper)",
     "latent_cache": "folder of cached posterior moments, written on first use",
+    "cache_windows": "video: temporal windows per clip in the latent cache, evenly spaced",
     "precision": ("bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
                   dict(choices=["bf16", "fp32"])),
     "compile": "torch.compile the DiT",
@@ -72,11 +74,11 @@ HELP = {
 PRESETS = {
     # CPU demo: chains with `python train_ae.py --preset tiny` (its ae.pt).
     # DiT's recipe (Peebles & Xie 2023): AdamW's default betas, no weight decay, constant lr.
-    "dit": dict(betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0, final_lr=1e-4),
+    "dit": dict(betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0, final_lr=None),
     # CPU demo: DiT's recipe at a constant 1e-3 (8e-3 for a batch of 256, scaled to 32).
     "tiny": dict(model="DiT-tiny", ae_ckpt="ae.pt", data="synthetic", global_batch_size=32,
                  steps=1500, lr=8e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0,
-                 final_lr=8e-3, ema=0.999, precision="fp32", workers=2, log_every=50,
+                 final_lr=None, ema=0.999, precision="fp32", workers=2, log_every=50,
                  ckpt_every=500, sample_every=500),
 }
 
@@ -100,6 +102,8 @@ def resolve(args):
                   image_size=ae_config["image_size"], num_frames=ae_config["num_frames"])
     if config["frame_stride"] is None:  # the clips the tokenizer was trained on: same frame rate
         config["frame_stride"] = ae_config.get("frame_stride", 3)
+    if config["num_frames"] == 1:
+        config["cache_windows"] = 1
     size = (config["num_frames"], config["image_size"], config["image_size"])
     config["grid"] = list(ae.grid(size))
     if config["out_dir"] is None:
@@ -116,10 +120,13 @@ def main(args):
     # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache.
     ae = ae.to(device)
     # Centre crops (train=False) as DiT; the step flips half of them, in pixels or by picking
-    # the mirror's moments.
+    # the mirror's moments. Clips start at random frames, as the authors' DiT and the UCF-101
+    # generation literature train (drawn from each sample's key: rank-invariant, resumable); the
+    # cache holds cache_windows evenly spaced windows of each clip, one picked per step.
     images = data.build_dataset(config["data"], config["image_size"], config["num_frames"],
                                 train=False, frame_stride=config["frame_stride"],
                                 split_file=config["split_file"])
+    images.window = "random"
     if config["latent_cache"]:  # encode once, train many epochs: the tokenizer leaves the loop
         if not os.path.exists(os.path.join(config["latent_cache"], "meta.json")):
             write_latent_cache(config["latent_cache"], ae, images, config, run)
@@ -164,7 +171,7 @@ def build(config, device, ae=None):
     model = dit.DiT_models[config["model"]](
         channels=config["channels"], grid=config["grid"], num_classes=config["num_classes"],
         grad_ckpt=config["grad_ckpt"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config["final_lr"], betas=config["betas"],
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=config["betas"],
                             weight_decay=config["weight_decay"], fused=device.type == "cuda")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     return SimpleNamespace(model=model, model_fwd=model, ema=ema, opt=opt, ae=ae,
@@ -173,9 +180,9 @@ def build(config, device, ae=None):
 
 def train_step(parts, step, x, y, config, rank=0, world=1):
     """One step of L_hybrid = L_simple + L_vb (IDDPM) on this rank's samples: x pixels
-    [B,3,(T,)H,W] encoded by the frozen tokenizer, or cached moments [B,2,L,2c] of each image
-    and its mirror; y labels [B]. Returns the loss terms as device tensors: no host sync. main()
-    and tools/gpu_check.py both run this function."""
+    [B,3,(T,)H,W] encoded by the frozen tokenizer, or cached moments [B,K,2,L,2c] of each image
+    and its mirror in K temporal windows; y labels [B]. Returns the loss terms as device tensors:
+    no host sync. main() and tools/gpu_check.py both run this function."""
     device, gb, precision = x.device, config["global_batch_size"], config["precision"]
     runtime.set_lr(parts.opt, step, config)
     L, c, mine = math.prod(config["grid"]), config["channels"], slice(rank, None, world)
@@ -190,9 +197,10 @@ def train_step(parts, step, x, y, config, rank=0, world=1):
     y = dit.drop_labels(y, config["num_classes"], u, config["class_dropout"])
 
     with torch.no_grad():  # the tokenizer is frozen: no graph through it
-        if config["latent_cache"]:  # x: the moments of the image and its mirror [B,2,L,2c]
-            posterior = vitok.DiagonalGaussian(x[torch.arange(len(x), device=device),
-                                                 flip.long()])
+        if config["latent_cache"]:  # x: moments of K windows and their mirrors [B,K,2,L,2c]
+            window = torch.randint(0, x.shape[1], (gb,), generator=gen, device=device)[mine]
+            rows = torch.arange(len(x), device=device)
+            posterior = vitok.DiagonalGaussian(x[rows, window, flip.long()])
         else:
             x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
             with autocast(device, precision):
@@ -215,14 +223,15 @@ def train_step(parts, step, x, y, config, rank=0, world=1):
     return terms
 
 
-CACHE_KEYS = ("ae_ckpt", "data", "image_size", "num_frames", "frame_stride", "split_file")
+CACHE_KEYS = ("ae_ckpt", "data", "image_size", "num_frames", "frame_stride", "split_file",
+              "cache_windows")
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """The posterior moments (mean, logvar) of every image and of its mirror image, [N,2,L,2c] in
-    fp16, and the labels, as .npy files under DIR (memory-mapped). A sample is its two moment
-    tensors [2,L,2c]: the training step picks one with the same per-step flip that the on-the-fly
-    path applies to the pixels. CACHE_KEYS say what a cache is of."""
+    """The posterior moments (mean, logvar) of every image and of its mirror image in K temporal
+    windows (K = 1 for images), [N,K,2,L,2c] in fp16, and the labels, as .npy files under DIR
+    (memory-mapped). The training step picks a window, and the mirror with the same per-step flip
+    that the on-the-fly path applies to the pixels. CACHE_KEYS say what a cache is of."""
 
     def __init__(self, root, config):
         meta = json.load(open(os.path.join(root, "meta.json")))
@@ -234,7 +243,7 @@ class LatentCache(torch.utils.data.Dataset):
                 raise UserError(f"latent cache {root} holds {key} {meta.get(key)!r}, this run's "
                                 f"is {config[key]!r}; pass another --latent-cache (or delete it)")
         self.num_classes = meta["num_classes"]
-        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")  # [N,2,L,2c]
+        self.moments = np.load(os.path.join(root, "moments.npy"), mmap_mode="r")  # [N,K,2,L,2c]
         self.labels = np.load(os.path.join(root, "labels.npy"))
 
     def __len__(self):
@@ -247,29 +256,33 @@ class LatentCache(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def write_latent_cache(root, ae, dataset, config, run):
-    """Encode every centre crop and its mirror once; ranks fill disjoint rows of one memmap."""
-    n, L, c = len(dataset), int(np.prod(config["grid"])), ae.channels
+    """Encode every centre crop and its mirror once, in K = cache_windows temporal windows of a
+    clip (from its first frames to its last); ranks fill disjoint rows of one memmap."""
+    n, L, c, K = len(dataset), math.prod(config["grid"]), ae.channels, config["cache_windows"]
     path = os.path.join(root, "moments.npy")
     if run.rank == 0:
         os.makedirs(root, exist_ok=True)
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 2, L, 2 * c))
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, K, 2, L, 2 * c))
     if run.world > 1:
         dist.barrier()
     moments = np.load(path, mmap_mode="r+")
     labels = np.zeros(n, dtype=np.int64)
     mine = list(range(run.rank, n, run.world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=64,
-                                         num_workers=config["workers"])
-    done = 0
-    for x, y in tqdm(loader, desc="latent cache", disable=run.rank != 0):
-        x = x.to(run.device)
-        with autocast(run.device, config["precision"]):
-            posterior = ae.encode(torch.cat([x, x.flip(-1)]))  # the images, then their mirrors
-        both = torch.cat([posterior.mean, posterior.logvar], -1).float()  # [2B,L,2c]
-        rows = mine[done:done + len(y)]
-        moments[rows] = both.view(2, len(y), L, 2 * c).transpose(0, 1).cpu().numpy()  # [B,2,L,2c]
-        labels[rows] = y.numpy()
-        done += len(y)
+    for w in range(K):
+        dataset.window = w / (K - 1) if K > 1 else 0.5
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine),
+                                             batch_size=64, num_workers=config["workers"])
+        done = 0
+        for x, y in tqdm(loader, desc=f"latent cache {w + 1}/{K}", disable=run.rank != 0):
+            x = x.to(run.device)
+            with autocast(run.device, config["precision"]):
+                posterior = ae.encode(torch.cat([x, x.flip(-1)]))  # the images, then mirrors
+            both = torch.cat([posterior.mean, posterior.logvar], -1).float()  # [2B,L,2c]
+            rows = mine[done:done + len(y)]
+            moments[rows, w] = both.view(2, len(y), L, 2 * c).transpose(0, 1).cpu().numpy()
+            labels[rows] = y.numpy()
+            done += len(y)
+    dataset.window = "random"
     moments.flush()
     if run.world > 1:  # labels are tiny: sum the disjoint per-rank arrays
         t = torch.from_numpy(labels).to(run.device)
