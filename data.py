@@ -250,14 +250,17 @@ class DeadLeaves(Procedural):
     num_classes = 0
 
     def render(self, index, gen):
-        return dead_leaves(self.size, self.num_frames, gen), -1
+        # Drawn at twice the size and averaged (anti-aliased edges), leaves from 4 px: the
+        # statistics of photo tiles (README, Results), not the one-pixel confetti of rmin = 1.
+        x = dead_leaves(2 * self.size, self.num_frames, gen, rmin=8.0, wmin=8.0, contrast=0.5)
+        return torch.nn.functional.avg_pool2d(x, 2), -1
 
 
-def dead_leaves(size, num_frames, gen, rmin=1.0, rmax=None, cover=3.0):
+def dead_leaves(size, num_frames, gen, rmin=1.0, rmax=None, cover=3.0, wmin=2.0, contrast=1.0):
     """One clip [T,3,S,S] in [0,1]: discs and rotated rectangles fall one on another, radii of
     density r^-3 on [rmin, rmax] px (default S): scale-invariant, so a 1/f^2 spectrum. Textured
     leaves (below) drift up to S/128 px a frame and cover the image `cover` times on average, over
-    leaf 0, which covers all."""
+    leaf 0, which covers all; colours spread `contrast` around grey."""
     S, T = size, num_frames
     rmax = float(rmax or S)
     # E[r^2] under r^-3
@@ -301,16 +304,16 @@ def dead_leaves(size, num_frames, gen, rmin=1.0, rmax=None, cover=3.0):
     top = np.zeros(T * W * W, dtype=np.int64)  # the last leaf to fall on each pixel
     np.maximum.at(top, np.concatenate(flats), np.concatenate(ids))
     k = top.reshape(T, W, W)[:, P:P + S, P:P + S].reshape(T, S * S)  # [T,S*S] the leaf seen
-    # Per leaf: a ramp of up to +-0.2 across its radius; on half of them a grating, wavelength 2 px
-    # to ~r, amplitude up to 0.1; a luminance and a weaker tint.
+    # Per leaf: a ramp of up to +-0.2 across its radius; on half of them a grating, wavelength
+    # wmin px to ~r, amplitude up to 0.1; a luminance and a weaker tint.
     ramp = (u[:, 13:14] - 0.5) * 0.4 / radius[:, None] * np.stack(
         [np.cos(u[:, 14] * 2 * math.pi), np.sin(u[:, 14] * 2 * math.pi)], 1)
     wavenumber = 2 * math.pi / np.exp(
-        math.log(2) + u[:, 16] * np.log(np.maximum(radius, 2) / 2 + 1))
+        math.log(wmin) + u[:, 16] * np.log(np.maximum(radius, wmin) / wmin + 1))
     wave = wavenumber[:, None] * np.stack(
         [np.cos(u[:, 17] * math.pi), np.sin(u[:, 17] * math.pi)], 1)
     amplitude = np.maximum(u[:, 15] - 0.5, 0) * 0.2
-    colour = u[:, 8:9] + (u[:, 9:12] - 0.5) * 0.6 * u[:, 12:13]
+    colour = 0.5 + contrast * (u[:, 8:9] - 0.5 + (u[:, 9:12] - 0.5) * 0.6 * u[:, 12:13])
     table = np.concatenate(
         [colour, ramp, wave, amplitude[:, None], u[:, 18:19] * 2 * math.pi], 1).astype(np.float32)
     leaf = table[k]  # [T,S*S,9]
