@@ -95,6 +95,14 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def save_pretrained(self, folder, **extra):
+        """As ViTok's; `extra` names the tokenizer (ae_model, ae_ckpt), latent_scale, ..."""
+        size = dict(width=self.width, depth=len(self.blocks), heads=self.heads)
+        name = next(k for k, f in DiT_models.items() if f.keywords == size)
+        runtime.save_folder(folder, self.state_dict(), dict(
+            kind="dit", model=name, channels=self.channels, grid=list(self.grid),
+            num_classes=self.num_classes, **extra))
+
     def forward(self, x, t, y):
         """x [B,L,c] noisy latents (L = t*h*w in raster order), t [B] timesteps, y [B] labels
         -> [B,L,2c]."""
@@ -287,3 +295,8 @@ def from_checkpoint(ckpt, name=None):
     model = DiT_models[config["model"]](channels=config["channels"], grid=config["grid"],
                                         num_classes=config["num_classes"])
     return runtime.load_weights(model, ckpt, name)
+
+
+def from_pretrained(path):
+    """A save_pretrained folder, or a Hub id "owner/name" (needs huggingface_hub)."""
+    return from_checkpoint(runtime.hub_folder(path))

@@ -477,7 +477,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--ckpt", help="a tokenizer (train_ae.py) or DiT (train_dit.py) checkpoint")
+    add("--ckpt", help="a tokenizer (train_ae.py) or DiT (train_dit.py) checkpoint, or its export")
     add("--data", help="folder, 'synthetic' or 'deadleaves': to reconstruct, or DiT's reference")
     add("--num-samples", type=int, help="tokenizer: at most (default all); DiT: to draw (50000)")
     add("--inception-weights", help=f"{features.FID_FILE} (default: the torch hub cache)")

@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
 
@@ -117,14 +118,43 @@ def merge(args, defaults, presets, kind):
 KINDS = {"ae": "a tokenizer checkpoint (train_ae.py)", "dit": "a DiT checkpoint (train_dit.py)"}
 
 
+def save_folder(folder, weights, config):
+    """config.json + model.safetensors, as the Hugging Face Hub shares models: no pickle."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, f"{folder}/model.safetensors")
+    with open(f"{folder}/config.json", "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_folder(folder):
+    """A save_folder folder as a checkpoint dict (read_checkpoint's, for a folder)."""
+    with open(f"{folder}/config.json") as f:
+        config = json.load(f)
+    return {"config": config, "model": load_file(f"{folder}/model.safetensors"),
+            "step": config.get("step")}
+
+
+def hub_folder(path):
+    """`path`, or the Hub repository "owner/name" it names, downloaded by huggingface_hub."""
+    if os.path.exists(path) or str(path).count("/") != 1:
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{path} is no folder; pip install huggingface_hub to download it from "
+                        "the Hub") from None
+    return snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
+
+
 def read_checkpoint(path, kind=None, mmap=False):
     """The one reader of checkpoints. A plain dict of tensors, numbers and strings, so it loads with
     weights_only (no code is unpickled), on the CPU; mmap reads tensors only when used. A missing,
     unreadable or foreign file, or one of another kind than `kind`, is a UserError naming it."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = read_folder(path) if os.path.isdir(path) else torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap)
         found = ckpt["config"]["kind"]
     except Exception as err:  # torch raises many types for a truncated or foreign file
         raise UserError(f"{path} is not a vitok checkpoint ({' or '.join(KINDS.values())}): "
@@ -141,12 +171,14 @@ def weights_key(ckpt):
 
 def load_weights(model, ckpt, name):
     """The checkpoint's weights_key weights into `model`; weights that do not fit the model its
-    config names (a damaged or hand-made file) are a UserError naming the file `name`."""
-    try:
-        model.load_state_dict(ckpt[weights_key(ckpt)])
-    except RuntimeError:
-        raise UserError(f"{name}: its weights do not fit the model its config names "
-                        f"({ckpt['config']['model']}); the file is damaged") from None
+    config names (a damaged or hand-made file) are a UserError naming the file and tensor."""
+    weights, ours, config = ckpt[weights_key(ckpt)], model.state_dict(), ckpt["config"]
+    for k in sorted(ours.keys() | weights.keys()):
+        want, got = ([*d[k].shape] if k in d else None for d in (ours, weights))
+        if want != got:
+            raise UserError(f"{name}: its weights do not fit the model its config names "
+                            f"({config['model']}): {k} is {got} in the file, {want} in the model")
+    model.load_state_dict(weights)
     return model.eval()
 
 

@@ -41,7 +41,7 @@ DEFAULTS = dict(
 )
 HELP = {
     "model": "DiT-B, DiT-L, DiT-XL or DiT-tiny",
-    "ae_ckpt": "the tokenizer checkpoint written by train_ae.py (its EMA weights, frozen)",
+    "ae_ckpt": "a train_ae.py tokenizer checkpoint or its export folder (EMA weights, frozen)",
     "data": "dataset folder, 'synthetic' or 'deadleaves'",
     "frame_stride": ("video: keep every n-th frame (None: the tokenizer's)", dict(type=int)),
     "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",

@@ -190,6 +190,7 @@ class ViTok(nn.Module):
         super().__init__()
         enc, dec = VIT_SIZES[encoder], VIT_SIZES[decoder]
         self.channels, self.patch_size, self.tubelet_size = channels, patch_size, tubelet_size
+        self.name = f"{encoder}-{decoder}/{f'{tubelet_size}x' * (tubelet_size > 1)}{patch_size}"
         tubelet_dim = 3 * tubelet_size * patch_size * patch_size
         # Tubelet embedding: kernel = stride = q x p x p, a linear map of each flattened tubelet.
         self.embed = nn.Linear(tubelet_dim, enc["width"])
@@ -204,6 +205,14 @@ class ViTok(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def save_pretrained(self, folder, image_size=256, num_frames=1, **extra):
+        """config.json (name, sizes, the input size it was trained at; `extra`, e.g. latent_stats)
+        + model.safetensors."""
+        config = dict(kind="ae", model=self.name, channels=self.channels,
+                      patch_size=self.patch_size, tubelet_size=self.tubelet_size,
+                      image_size=image_size, num_frames=num_frames, **extra)
+        runtime.save_folder(folder, self.state_dict(), config)
 
     def grid(self, size):
         """Token grid (t,h,w) of an input of size (T,H,W) or (H,W) that the tubelet divides."""
@@ -288,3 +297,8 @@ def from_checkpoint(ckpt, name=None):
         ckpt = runtime.read_checkpoint(ckpt, kind="ae")
     model = from_name(ckpt["config"]["model"], channels=ckpt["config"]["channels"])
     return runtime.load_weights(model, ckpt, name)
+
+
+def from_pretrained(path):
+    """A save_pretrained folder, or a Hub id "owner/name" (needs huggingface_hub)."""
+    return from_checkpoint(runtime.hub_folder(path))
