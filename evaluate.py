@@ -519,7 +519,8 @@ def parse_args(argv=None):
     add("--ae-ckpt", help="DiT: its tokenizer (default: the one its checkpoint names)")
     add("--cfg-scale", type=float, default=1.5, help="DiT: classifier-free guidance scale")
     add("--sample-steps", type=int, default=250, help="DiT: DDIM steps (default 250)")
-    add("--eta", type=float, default=1.0, help="DiT: DDIM eta (the official code's 1; 0: DiT's)")
+    add("--eta", type=float, default=1.0, help="DiT: DDIM eta (the official "
+        "code's 1; 0: deterministic)")
     add("--balanced-labels", action="store_true",
         help="DiT: class i mod K for sample i (default: uniform at random, as DiT)")
     add("--seed", type=int, default=0, help="DiT: seed of the noise and labels")
