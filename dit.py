@@ -258,13 +258,14 @@ def respaced_timesteps(steps, num_timesteps=NUM_TIMESTEPS):
 
 
 @torch.no_grad()
-def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
+def sample(model, z, y, steps=250, cfg_scale=1.5, eta=1.0, noise=torch.randn_like, progress=False):
     """DDIM (Song et al. 2021, Eq. 12): noise z [B,L,c], labels y [B] -> latents [B,L,c] (fp32).
 
     Over the respaced chain tau = respaced_timesteps(steps), with abar_{tau_{-1}} = 1 so that the
     last step returns the predicted x0, and
     sigma_i = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev) (DDIM Eq. 16);
-    eta = 0 is deterministic. The model sees the original timestep indices (as under DiT's
+    eta = 0 is deterministic; 1 by default, as the official code (guided-diffusion's is 0); noise(x)
+    draws the N(0, I) term. The model sees the original timestep indices (as under DiT's
     respacing wrapper). Epsilon only: the learned variance serves ancestral (DDPM) sampling, which
     the paper does not use. No x0 clipping: latents are unbounded."""
     timesteps = respaced_timesteps(steps)
@@ -281,7 +282,7 @@ def sample(model, z, y, steps=250, cfg_scale=1.5, eta=0.0, progress=False):
         # the second term is DDIM's "direction pointing to x_t"
         x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev - sigma ** 2) * eps
         if sigma > 0:
-            x = x + sigma * torch.randn_like(x)
+            x = x + sigma * noise(x)
     return x
 
 

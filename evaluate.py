@@ -36,6 +36,8 @@ from runtime import UserError, autocast
 from vitok import frames_to_batch
 
 IS_SPLITS = 10  # the improved-GAN code's 10 splits; ADM's 5,000-sample splits equal them at 50k
+GFID_PROTOCOL = ("running estimate: torch resize; for published numbers run ADM's evaluator "
+                 "(guided-diffusion/evaluations/evaluator.py) on the samples .npz")
 
 
 # ---- Pixel metrics on uint8-rounded images (0..255 as floats) ----
@@ -145,7 +147,7 @@ def inception_score(s, name):
     return float(np.exp(kl).mean()), float(np.exp(kl).std())
 
 
-def add_features(sums, nets, prefix, x, indices, n, video_fid="per-frame"):
+def add_features(sums, nets, prefix, x, indices, n, video_fid="per-frame", is_splits=IS_SPLITS):
     """Inception features of every frame, I3D features of each clip, of x in [-1,1] (samples
     `indices` of n). Video FID: a Gaussian per frame index (the paper's code) or all frames pooled;
     IS takes every frame, a clip's frames in its split."""
@@ -155,7 +157,7 @@ def add_features(sums, nets, prefix, x, indices, n, video_fid="per-frame"):
         T = pool.shape[0] // B
         sums.add_moments(f"{prefix}_pool",
                          pool.view(B, T, -1) if video_fid == "per-frame" else pool[:, None])
-        splits = min(IS_SPLITS, n)
+        splits = min(is_splits, n)
         # The improved-GAN code's splits [k n/s, (k+1) n/s)
         split = ((torch.as_tensor(indices) + 1) * splits - 1) // n
         sums.add_is(prefix, logits, split.repeat_interleave(T), splits)
@@ -214,17 +216,21 @@ def reconstruct(model, part, n, nets, lpips, opts, rank, device):
         for name, v in per_frame.items():  # a clip's frames averaged, then summed over clips
             sums.add(name, v.view(B, -1).mean(1).sum())
         sums.add("count", B)
+        sums.add("sq_err", (frames.double() - recon_frames).pow(2).sum())  # psnr_pooled
+        sums.add("pixels", frames.numel())
         real, recon = real8 / 127.5 - 1, recon8 / 127.5 - 1
         if lpips is not None:
             sums.add("lpips", lpips(recon, real, reduce=False).sum())
-        add_features(sums, nets, "real", real, indices, n, opts["video_fid"])
-        add_features(sums, nets, "recon", recon, indices, n, opts["video_fid"])
+        for prefix, v in (("real", real), ("recon", recon)):
+            add_features(sums, nets, prefix, v, indices, n, opts["video_fid"], opts["is_splits"])
         shown = shown if shown is not None else (real[:8].cpu(), recon[:8].cpu())
     s = sums.reduce()
     if rank != 0:
         return {}, shown
     keys = ("psnr", "ssim", "lpips", "baseline_psnr")
     results = {k: float(s[k] / s["count"]) for k in keys if k in s}
+    mse = np.maximum(s["sq_err"] / s["pixels"], 1e-10)  # the whole set's, as one batch
+    results["psnr_pooled"] = float(10 * np.log10(255 ** 2 / mse))
     if "real_pool_n" in s:
         results["rfid"] = fid(gaussian(s, "real_pool"), gaussian(s, "recon_pool"))
         results["ris"] = inception_score(s, "recon")[0]
@@ -261,15 +267,20 @@ def evaluate_tokenizer(ckpt, name, source, opts, rank, world, device):
 
 # ---- Generator: CFG samples, decoded, against reference statistics ----
 def noise_and_labels(indices, shape, num_classes, seed, balanced=False):
-    """Sample i's noise [*shape] and class, seeded by (seed, i) alone, so independent of ranks and
-    batch size. Classes uniform (DiT's sample_ddp.py), balanced: i mod K, or 0 for K = 0."""
-    z, y = [], []
+    """Sample i's noise [*shape], class and DDIM noise (the function), seeded by (seed, i) alone, so
+    independent of ranks and batch size. Classes uniform (DiT's sample_ddp.py), balanced: i mod K,
+    or 0 for K = 0."""
+    z, y, gens = [], [], []
     for i in indices:
         g = torch.Generator().manual_seed(seed * 10_000_019 + i)
+        gens.append(g)
         z.append(torch.randn(shape, generator=g))
         y.append(0 if not num_classes else i % num_classes if balanced else
                  int(torch.randint(num_classes, (), generator=g)))
-    return torch.stack(z), torch.tensor(y)
+
+    def noise(x):  # DDIM's eta > 0 noise for x [B,*shape]: row i's from sample i's generator
+        return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x.device)
+    return torch.stack(z), torch.tensor(y), noise
 
 
 def open_shard(path, rank, rows, shape, dtype=np.uint8):
@@ -328,8 +339,8 @@ def load_reference(path):
 
 @torch.no_grad()
 def evaluate_generator(ckpt, name, source, opts, rank, world, device):
-    """n DiT samples (opts["num_samples"], default 50,000), decoded, written to a .npz; their
-    gFID/gIS (gFVD) against opts["ref"] or `source`. Returns (results, n, used, shown)."""
+    """n DiT samples (opts["num_samples"]), decoded, written to a .npz; their gFID/gIS (gFVD)
+    against opts["ref"] or `source`. Returns (results, n, used, shown)."""
     config = ckpt["config"]
     ae_path = opts["ae_ckpt"] or config["ae_ckpt"]
     if not os.path.exists(ae_path):
@@ -339,7 +350,7 @@ def evaluate_generator(ckpt, name, source, opts, rank, world, device):
     ae = vitok.from_checkpoint(ae_ckpt, name=ae_path).to(device)
     K, T, S = config["num_classes"], config["num_frames"], config["image_size"]
     size = (S, S) if T == 1 else (T, S, S)
-    n = opts["num_samples"] or 50_000
+    n = opts["num_samples"] or (10_000 if T > 1 else 50_000)  # clips: MAGVIT's, LARP's UCF
     if n < world:
         raise UserError(f"{n} samples cannot be split over {world} ranks")
     cfg_scale = opts["cfg_scale"] if K else 1.0  # unconditional: nothing to guide
@@ -357,14 +368,15 @@ def evaluate_generator(ckpt, name, source, opts, rank, world, device):
     sums, batch = Sums(device), opts["batch_size"]
     for start in tqdm(range(0, len(mine), batch), desc="sample", disable=rank != 0):
         indices = mine[start:start + batch]
-        z, y = noise_and_labels(indices, (math.prod(config["grid"]), config["channels"]), K,
-                                opts["seed"], opts["balanced_labels"])
+        z, y, noise = noise_and_labels(indices, (math.prod(config["grid"]), config["channels"]),
+                                       K, opts["seed"], opts["balanced_labels"])
         with autocast(device, opts["precision"]):
             latents = dit.sample(model, z.to(device), y.to(device), steps=opts["sample_steps"],
-                                 cfg_scale=cfg_scale)
+                                 cfg_scale=cfg_scale, eta=opts["eta"], noise=noise)
             x = ae.decode(latents / config["latent_scale"], size)
         x8 = to_uint8(x.float())
-        add_features(sums, nets, "gen", x8 / 127.5 - 1, indices, n, opts["video_fid"])
+        add_features(sums, nets, "gen", x8 / 127.5 - 1, indices, n, opts["video_fid"],
+                     opts["is_splits"])
         rows[start:start + len(indices)] = x8.to(torch.uint8).movedim(1, -1).cpu().numpy()
     rows.flush()
     del rows
@@ -445,7 +457,8 @@ def main(args):
     # bf16 for tokenizers (equal to fp32 in the paper, App. A); fp32 for DiT sampling, as DiT's
     precision = args.precision or ("fp32" if kind == "dit" else "bf16")
     opts = {**opts, "precision": precision}
-    protocol = {"precision": runtime.precision_used(device, precision)}
+    protocol = {"precision": runtime.precision_used(device, precision), "is_splits": args.is_splits,
+                "fid_network": features.InceptionFeatures.NAMES[args.inception]}
     if video:
         protocol["video_fid"] = args.video_fid
     if kind == "ae":
@@ -453,10 +466,11 @@ def main(args):
         if args.data is None and rank == 0:
             print(f"no --data: evaluating on the training source {source} (pass --data for "
                   f"held-out images)")
-        protocol["ssim_form"] = args.ssim
+        protocol.update(ssim_form=args.ssim, psnr_pooled_form="MSE of the whole set")
     else:
         source = args.data
-        protocol["labels"] = "balanced" if args.balanced_labels else "random"
+        protocol.update(labels="balanced" if args.balanced_labels else "random", eta=args.eta,
+                        gfid_protocol=GFID_PROTOCOL)
     evaluate_ckpt = evaluate_tokenizer if kind == "ae" else evaluate_generator
     results, n, used, shown = evaluate_ckpt(ckpt, args.ckpt, source, opts, rank, world, device)
     if rank == 0:
@@ -479,10 +493,13 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--ckpt", help="a tokenizer (train_ae.py) or DiT (train_dit.py) checkpoint, or its export")
     add("--data", help="folder, 'synthetic' or 'deadleaves': to reconstruct, or DiT's reference")
-    add("--num-samples", type=int, help="tokenizer: at most (default all); DiT: to draw (50000)")
+    add("--num-samples", type=int, help="tokenizer: at most (default all); DiT: to draw (50000; "
+        "10000 clips, the UCF-101 gFVD convention of MAGVIT and LARP)")
     add("--inception-weights", help=f"{features.FID_FILE} (default: the torch hub cache)")
     add("--inception", choices=["fid", "torchvision"], default="fid", help="fid: the standard FID "
-        "network; torchvision: as the official ViTok code (not comparable to published FIDs)")
+        "network (published gFIDs); torchvision: the official code's (likely the paper's rFIDs)")
+    add("--is-splits", type=int, default=IS_SPLITS, help="IS splits (the official code's 1 reads "
+        "5-8%% higher)")
     add("--i3d-weights", help=f"StyleGAN-V's {features.I3D_FILE} for FVD (default: as above)")
     add("--json", help="the results as one JSON object")
     add("--grid", help="PNG of originals/reconstructions or samples (default: by --json/--ckpt)")
@@ -502,6 +519,8 @@ def parse_args(argv=None):
     add("--ae-ckpt", help="DiT: its tokenizer (default: the one its checkpoint names)")
     add("--cfg-scale", type=float, default=1.5, help="DiT: classifier-free guidance scale")
     add("--sample-steps", type=int, default=250, help="DiT: DDIM steps (default 250)")
+    add("--eta", type=float, default=1.0, help="DiT: DDIM eta (the official "
+        "code's 1; 0: deterministic)")
     add("--balanced-labels", action="store_true",
         help="DiT: class i mod K for sample i (default: uniform at random, as DiT)")
     add("--seed", type=int, default=0, help="DiT: seed of the noise and labels")

@@ -79,7 +79,10 @@ INCEPTION_LAYERS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1
 
 class InceptionFeatures(torch.nn.Module):
     """x [N,3,H,W] in [-1,1] -> (2048-d pool features, IS logits). network "fid": that of every
-    published FID; "torchvision": the official ViTok code's ImageNet one (not comparable)."""
+    published FID; "torchvision": the official ViTok code's ImageNet one, as it calls it."""
+
+    NAMES = {"fid": "tf-inception-2015-12-05 (pytorch-fid)",
+             "torchvision": "torchvision-inception-v3 (the official code's evaluator)"}
 
     def __init__(self, network, weights):
         super().__init__()
@@ -88,24 +91,23 @@ class InceptionFeatures(torch.nn.Module):
             self.net = build_fid_inception()
         else:
             self.net = tv_inception.Inception3(num_classes=1000, aux_logits=True,
-                                               transform_input=True, init_weights=False)
+                                               transform_input=False, init_weights=False)
             self.net.eval().requires_grad_(False)
         state = torch.load(weights, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)
 
     @torch.no_grad()
     def forward(self, x):
-        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        if self.network == "torchvision":  # ImageNet normalisation; transform_input undoes it
-            mean = torch.tensor([0.485, 0.456, 0.406], device=x.device)[:, None, None]
-            std = torch.tensor([0.229, 0.224, 0.225], device=x.device)[:, None, None]
-            x = self.net._transform_input(((x + 1) / 2 - mean) / std)
+        tv = self.network == "torchvision"
+        # pytorch-fid's resize; the official code's (metrics.py): nn.Upsample(align_corners=True),
+        # its [-1,1] input straight into the blocks (no transform_input, no ImageNet mean/std)
+        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=tv)
         for name in INCEPTION_LAYERS:
             x = getattr(self.net, name)(x)
         pool = x.flatten(1)  # [N,2048]
         # IS logits: pool features times the fc weight, no bias, as the improved-GAN code
-        # (Salimans et al. 2016), ADM's evaluator and torch-fidelity.
-        return pool, pool @ self.net.fc.weight.T
+        # (Salimans et al. 2016), ADM's evaluator and torch-fidelity; the official code: fc, bias
+        return pool, self.net.fc(pool) if tv else pool @ self.net.fc.weight.T
 
 
 def i3d_features(i3d, clips):

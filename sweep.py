@@ -11,7 +11,9 @@ import torch
 import vitok
 
 # Fitted and plotted where computed (axis labels); baseline_psnr (bilinear) is only tabulated.
-SWEEP_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID"}
+SWEEP_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID",
+                 "rfvd": "rFVD"}
+LOG_Y = {"rfid", "rfvd"}  # fitted and plotted in log, as Figs. 2 and 11
 
 
 def sweep_point(path, config, step, size, source, results, n):
@@ -42,8 +44,8 @@ def resolution(T, size):
 
 
 def sweep_fits(points):
-    """Each metric's fit on log2 E over the points having it; keyed "psnr@512" per resolution if
-    there are several (Fig. 4: 256p and 512p), else "psnr"."""
+    """Each metric's (LOG_Y: its natural log's) fit on log2 E over the points having it; keyed
+    "psnr@512" per resolution if there are several (Fig. 4: 256p and 512p), else "psnr"."""
     groups = {}
     for pt in points:
         groups.setdefault((pt["num_frames"], pt["image_size"]), []).append(pt)
@@ -51,10 +53,14 @@ def sweep_fits(points):
     for (T, size), group in sorted(groups.items()):
         suffix = "" if len(groups) == 1 else "@" + resolution(T, size)
         for metric in SWEEP_METRICS:
-            have = [pt for pt in group if pt.get(metric) is not None]
+            log = metric in LOG_Y
+            have = [pt for pt in group
+                    if pt.get(metric) is not None and (pt[metric] > 0 or not log)]
             if len({pt["E"] for pt in have}) < 2:
                 continue  # a line needs two distinct E
-            fits[metric + suffix] = fit_log_e([pt["E"] for pt in have], [pt[metric] for pt in have])
+            y = np.array([pt[metric] for pt in have])
+            y = np.log(y) if log else y
+            fits[metric + suffix] = dict(fit_log_e([pt["E"] for pt in have], y), log_y=log)
     return fits
 
 
@@ -95,6 +101,7 @@ def print_sweep(points, fits, spreads):
           f"{'R^2':>8}{'points':>8}")
     for key, f in fits.items():
         r2 = f"{f['r2']:.3f}" if f["r2"] is not None else "-"
+        key = "ln " * f["log_y"] + key
         print(f"{key:<44}{f['slope']:>10.4f}{f['intercept']:>12.4f}{r2:>8}{f['n']:>8}")
     for row in spreads:
         splits = ", ".join(f"p={p} c={c}" for p, c in row["splits"])
@@ -132,9 +139,11 @@ def plot_sweep(path, points, fits):
             if fit:
                 E = np.geomspace(min(pt["E"] for pt in group), max(pt["E"] for pt in group), 50)
                 r2 = f"{fit['r2']:.2f}" if fit["r2"] is not None else "-"
-                ax.plot(E, fit["intercept"] + fit["slope"] * np.log2(E), color=colour,
+                line = fit["intercept"] + fit["slope"] * np.log2(E)
+                ax.plot(E, np.exp(line) if fit["log_y"] else line, color=colour,
                         alpha=0.6, label=f"fit{' ' + res if several else ''}: R$^2$ {r2}")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log" if metric in LOG_Y else "linear")
         ax.set_xlabel("E = L x c (floats in the latent)")
         ax.set_ylabel(SWEEP_METRICS[metric])
         ax.grid(True, alpha=0.3)

@@ -110,14 +110,61 @@ def test_ddim_steps_match_float64_closed_form(eta, cfg_scale):
     torch.testing.assert_close(out.double(), x, rtol=1e-4, atol=1e-4)
 
 
+def _diffusers_ddim_step(eps, t, t_prev, x, eta, variance_noise):
+    """diffusers' DDIMScheduler.step (set_alpha_to_one=True, no clipping, epsilon prediction), written from its source
+    in float64 numpy; the variance noise comes in as an argument, as diffusers allows."""
+    alpha_prod_t = ABAR[t]
+    alpha_prod_t_prev = ABAR[t_prev] if t_prev >= 0 else 1.0  # final_alpha_cumprod
+    beta_prod_t = 1 - alpha_prod_t
+    pred_original_sample = (x - beta_prod_t ** 0.5 * eps) / alpha_prod_t ** 0.5
+    variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance ** 0.5
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 * eps
+    prev_sample = alpha_prod_t_prev ** 0.5 * pred_original_sample + pred_sample_direction
+    return prev_sample + std_dev_t * variance_noise if eta > 0 else prev_sample
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_ddim_chain_with_eta_matches_diffusers_formula(eta):
+    """Three DDIM steps (t = 666, 333, 0) with forced variance noise against diffusers' step in float64: by the noise
+    argument; the default is eta = 1 (the official code's) with torch.randn_like's noise."""
+    model = randomise(tiny())
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(2, 4, 4, generator=g), torch.tensor([1, 2])
+    draws = torch.randn(3, 2, 4, 4, generator=g)
+    x = z.double().numpy()
+    for k, (t, t_prev) in enumerate([(666, 333), (333, 0), (0, -1)]):
+        tt, xf = torch.full((2,), t), torch.from_numpy(x).float()
+        with torch.no_grad():
+            eps_c = model(xf, tt, y)[..., :4].double().numpy()
+            eps_u = model(xf, tt, torch.full_like(y, 3))[..., :4].double().numpy()
+        x = _diffusers_ddim_step(eps_u + 1.5 * (eps_c - eps_u), t, t_prev, x, eta, draws[k].double().numpy())
+    calls = []
+
+    def forced(v):
+        calls.append(v.shape)
+        return draws[len(calls) - 1]
+
+    out = dit.sample(model, z, y, steps=3, eta=eta, noise=forced)
+    np.testing.assert_allclose(out.double().numpy(), x, rtol=1e-4, atol=1e-4)
+    assert calls == [(2, 4, 4)] * 2  # the last step (to abar = 1) adds no noise
+    if eta == 1.0:  # the default draws the same noise from the global generator
+        torch.manual_seed(5)
+        default = dit.sample(model, z, y, steps=3)
+        torch.manual_seed(5)
+        draws[:2] = torch.randn(2, 2, 4, 4)
+        calls.clear()
+        torch.testing.assert_close(default, dit.sample(model, z, y, steps=3, noise=forced), rtol=0, atol=0)
+
+
 def test_ddim_with_eta_zero_is_deterministic():
     model = randomise(tiny())
     z, y = torch.randn(2, 4, 4), torch.tensor([1, 2])
     torch.manual_seed(0)
-    a = dit.sample(model, z, y, steps=5)
-    b = dit.sample(model, z, y, steps=5)  # the global RNG has moved on
+    a = dit.sample(model, z, y, steps=5, eta=0.0)
+    b = dit.sample(model, z, y, steps=5, eta=0.0)  # the global RNG has moved on
     assert torch.equal(a, b)
-    assert not torch.equal(a, dit.sample(model, z, y, steps=5, eta=1.0))
+    assert not torch.equal(a, dit.sample(model, z, y, steps=5))  # the default: eta = 1
 
 
 def test_normal_kl_and_discretized_likelihood_match_float64():

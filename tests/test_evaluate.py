@@ -1,4 +1,4 @@
-"""evaluate.py: the FID network's layout and blocks, IS without the fc bias, Frechet distance, both SSIM forms, PSNR
+"""evaluate.py: the FID network's layout and blocks, IS without the fc bias, the official code's torchvision network, Frechet
 and the streamed statistics (moments, IS, per-frame video FID) against independent formulas, constant memory, random
 labels, uint8 references, missing weights, bad inputs, two-rank runs equal to one, and the DiT path."""
 import json
@@ -57,6 +57,39 @@ def test_fid_network_has_the_standard_files_layout(fid_file):
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
     torch.testing.assert_close(logits, pool @ net.net.fc.weight.T)  # IS logits: no fc bias, as the standard IS
     assert not torch.allclose(logits, net.net.fc(pool), atol=0.1)
+
+
+def test_torchvision_network_is_fed_as_the_official_evaluator(tmp_path):
+    """--inception torchvision, as the official metrics.py calls it: 2 x/255 - 1 resized by nn.Upsample(299,
+    bilinear, align_corners=True) straight into the first conv (no transform_input, no ImageNet mean/std), float32;
+    the IS logits are fc with its bias."""
+    torch.manual_seed(0)
+    ref = tv_inception.Inception3(num_classes=1000, aux_logits=True, transform_input=False, init_weights=False)
+    with torch.no_grad():
+        ref.fc.bias.normal_(0, 3)
+    torch.save(ref.state_dict(), tmp_path / features.TV_INCEPTION_FILE)
+    ours = features.InceptionFeatures("torchvision", tmp_path / features.TV_INCEPTION_FILE)
+    seen = []
+    ours.net.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x8 = torch.randint(0, 256, (2, 3, 37, 53), generator=torch.Generator().manual_seed(1)).float()
+    pool, logits = ours(x8 / 127.5 - 1)  # as evaluate.py passes uint8-rounded images
+    expected = torch.nn.Upsample(size=(299, 299), mode="bilinear", align_corners=True)(2 * (x8 / 255) - 1)
+    assert seen[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0], expected)
+    torch.testing.assert_close(logits, ref.eval()(expected))  # torchvision's own eval forward: fc(pool) + bias
+    assert pool.shape == (2, 2048) and not torch.allclose(logits, pool @ ref.fc.weight.T, atol=0.1)
+    assert ours.NAMES["torchvision"] != ours.NAMES["fid"]
+
+
+def test_is_splits_reach_the_score():
+    fake = FakeInception()
+    x = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for splits in (1, 4):
+        sums = evaluate.Sums(torch.device("cpu"))
+        for batch in (list(range(0, 12, 2)), list(range(1, 12, 2))):
+            evaluate.add_features(sums, {"inception": fake}, "a", x[batch], batch, 12, is_splits=splits)
+        assert evaluate.inception_score(sums.reduce(), "a") == pytest.approx(
+            _improved_gan_is(fake(x)[1].numpy(), splits), rel=1e-9)
 
 
 def _pool_excluding_padding(x):
@@ -242,13 +275,18 @@ def test_reference_images_are_rounded_to_uint8_like_the_samples():
 
 
 def test_labels_are_random_by_default_and_independent_of_ranks():
-    z, y = evaluate.noise_and_labels(range(6000), (2, 3), 10, seed=0)
+    z, y, _ = evaluate.noise_and_labels(range(6000), (2, 3), 10, seed=0)
     counts = torch.bincount(y, minlength=10)
     assert z.shape == (6000, 2, 3) and (counts - 600).abs().max() < 120  # uniform: 600 +- 4.9 sd
     assert (y != torch.arange(6000) % 10).float().mean() > 0.8
-    z0, y0 = evaluate.noise_and_labels(range(0, 6000, 3), (2, 3), 10, seed=0)  # rank 0 of 3
+    z0, y0, noise = evaluate.noise_and_labels(range(0, 6000, 3), (2, 3), 10, seed=0)  # rank 0 of 3
     assert torch.equal(z0, z[0::3]) and torch.equal(y0, y[0::3])
-    _, balanced = evaluate.noise_and_labels(range(1, 40, 2), (2, 3), 10, seed=0, balanced=True)
+    # DDIM's eta noise: sample i's next draws from its own generator, whatever the batch
+    _, _, alone = evaluate.noise_and_labels(range(3, 6000, 3), (2, 3), 10, seed=0)
+    first, second = noise(z0), noise(z0)
+    assert first.shape == z0.shape and not torch.equal(first, second)
+    torch.testing.assert_close(alone(z0[1:]), first[1:], rtol=0, atol=0)
+    _, balanced, _ = evaluate.noise_and_labels(range(1, 40, 2), (2, 3), 10, seed=0, balanced=True)
     assert torch.equal(balanced, torch.arange(1, 40, 2) % 10)
     assert not torch.equal(evaluate.noise_and_labels(range(5), (2, 3), 10, seed=1)[0], z[:5])
 
@@ -284,6 +322,15 @@ def test_missing_weights_are_reported_and_their_metrics_absent(ae_ckpt, tmp_path
     report = json.load(open(tmp_path / "r.json"))
     assert {"psnr", "ssim", "num_samples", "weights"} <= set(report) and report["num_samples"] == 5
     assert not {"rfid", "ris", "lpips"} & set(report) and report["weights"]["model"] == "ema"
+    # psnr_pooled: the squared error pooled over all 5 images before the log; per image reads higher (Jensen)
+    model = vitok.from_checkpoint(ae_ckpt)
+    x = torch.stack([data.build_dataset("synthetic", 32)[i][0] for i in range(5)])
+    with torch.no_grad():
+        x_hat = model.decode(model.encode(x).mode(), (32, 32))
+    x8, x_hat8 = (((v.double().clamp(-1, 1) + 1) * 127.5).round().numpy() for v in (x, x_hat))
+    assert report["psnr_pooled"] == pytest.approx(10 * np.log10(255 ** 2 / np.mean((x8 - x_hat8) ** 2)), abs=1e-4)
+    assert report["psnr"] > report["psnr_pooled"] and report["psnr_pooled_form"] == "MSE of the whole set"
+    assert report["fid_network"] == "tf-inception-2015-12-05 (pytorch-fid)" and report["is_splits"] == 10
     assert os.path.exists(tmp_path / "r_grid.png")
 
 
@@ -328,7 +375,7 @@ def test_two_processes_give_the_same_numbers_as_one(ae_ckpt, fid_file, tmp_path,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))  # no LPIPS weights: the same on both runs
     monkeypatch.setattr(evaluate, "frechet_distance", _stats_distance)
     common = ["--ckpt", str(ae_ckpt), "--data", "synthetic", "--num-samples", "5", "--batch-size", "2",
-              "--workers", "0", "--inception-weights", str(fid_file)]
+              "--workers", "0", "--inception-weights", str(fid_file), "--is-splits", "1"]
     run(*common, "--json", tmp_path / "one.json")
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
@@ -336,7 +383,8 @@ def test_two_processes_give_the_same_numbers_as_one(ae_ckpt, fid_file, tmp_path,
     torch.multiprocessing.spawn(_rank, args=(port, common + ["--json", str(tmp_path / "two.json")]), nprocs=2)
     one, two = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
     assert one["num_samples"] == two["num_samples"] == 5 and "rfid" in one  # ranks: samples 0, 2, 4 and 1, 3
-    for key in ("psnr", "ssim", "baseline_psnr", "rfid", "ris"):
+    assert one["is_splits"] == two["is_splits"] == 1
+    for key in ("psnr", "psnr_pooled", "ssim", "baseline_psnr", "rfid", "ris"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
 
 
@@ -353,6 +401,7 @@ def test_dit_checkpoint_samples_and_scores(ae_ckpt, fid_file, tmp_path, monkeypa
     report = json.load(open(tmp_path / "g.json"))
     assert {"gfid", "gis"} <= set(report) and report["num_samples"] == 5 and np.isfinite(report["gfid"])
     assert report["precision"] == "fp32" and report["labels"] == "random"  # DiT's sampler: fp32, random classes
+    assert report["eta"] == 1.0 and "ADM's evaluator" in report["gfid_protocol"]  # the official code's eta
     samples = np.load(tmp_path / "dit_samples.npz")["arr_0"]
     assert samples.shape == (5, 32, 32, 3) and samples.dtype == np.uint8
     # Two ranks write a shard each; rank 0 joins them: the same samples in the same order.
@@ -364,6 +413,30 @@ def test_dit_checkpoint_samples_and_scores(ae_ckpt, fid_file, tmp_path, monkeypa
     two = np.load(tmp_path / "two.npz")["arr_0"]
     assert two.shape == samples.shape and np.abs(two.astype(int) - samples).max() <= 1  # float rounding at most
     assert not [f for f in os.listdir(tmp_path) if ".rank" in f or f.endswith(".tmp")]  # shards removed
+
+
+def test_generator_draws_50k_images_and_10k_clips_by_default(ae_ckpt, tmp_path, monkeypatch):
+    """--num-samples unset: 50,000 images (ADM's reference), 10,000 clips (UCF-101 gFVD, as MAGVIT and LARP)."""
+    torch.manual_seed(0)
+    torch.save({"model": vitok.from_name("T-T/2x8", channels=4).state_dict(), "step": 1, "config": {
+        "kind": "ae", "model": "T-T/2x8", "channels": 4, "image_size": 32, "num_frames": 4}}, tmp_path / "v.pt")
+
+    class Drawn(Exception):
+        pass
+
+    def drawn(path, rank, rows, shape):  # stop where the samples' file is opened
+        raise Drawn(rows)
+
+    monkeypatch.setattr(evaluate, "open_shard", drawn)
+    opts = vars(evaluate.parse_args(["--inception-weights", str(tmp_path / "none.pth")]))
+    for T, ae, grid, n in ((1, ae_ckpt, [1, 4, 4], 50_000), (4, tmp_path / "v.pt", [2, 4, 4], 10_000)):
+        model = dit.DiT_models["DiT-tiny"](channels=4, grid=grid, num_classes=10)
+        config = {"kind": "dit", "model": "DiT-tiny", "ae_ckpt": str(ae), "channels": 4, "grid": grid,
+                  "num_classes": 10, "image_size": 32, "num_frames": T, "latent_scale": 1.0}
+        with pytest.raises(Drawn) as rows:
+            evaluate.evaluate_generator({"model": model.state_dict(), "config": config}, "d.pt", None, opts, 0, 1,
+                                        torch.device("cpu"))
+        assert rows.value.args == (n,)
 
 
 class StandInI3D(torch.nn.Module):

@@ -116,6 +116,34 @@ def test_fits_per_resolution_and_their_edge_cases(tmp_path):
     assert sweep.plot_sweep(str(tmp_path / "two.png"), points, fits) and (tmp_path / "two.png").stat().st_size
 
 
+def test_rfid_and_rfvd_are_fitted_and_plotted_in_log(tmp_path, monkeypatch):
+    """Figs. 2 and 11: log rFID (log rFVD) against log E, on log axes; the JSON says which fits are in log."""
+    rng = np.random.default_rng(0)
+    points = []
+    for T, size, metric in ((1, 256, "rfid"), (16, 128, "rfvd")):
+        for p, c in ((8, 4), (16, 16), (16, 64), (32, 64)):
+            E = (size // p) ** 2 * c
+            points.append(dict(ckpt=f"{p}_{c}.pt", model=f"S-B/{p}", p=p, q=1, c=c, L=E // c, E=E, image_size=size,
+                               num_frames=T, psnr=20 + np.log2(E), **{metric: 40 * E ** -0.3 * rng.uniform(0.8, 1.2)}))
+    points[4]["rfvd"] = 0.0  # no log: left out of the fit
+    fits = sweep.sweep_fits(points)
+    assert set(fits) == {"psnr@256", "rfid@256", "psnr@16x128", "rfvd@16x128"}
+    for key, metric, pts in (("rfid@256", "rfid", points[:4]), ("rfvd@16x128", "rfvd", points[5:])):
+        x, y = np.log2([pt["E"] for pt in pts]), np.log([pt[metric] for pt in pts])
+        slope, intercept = np.polyfit(x, y, 1)
+        assert fits[key]["log_y"] is True and fits[key]["n"] == len(pts)
+        assert fits[key]["slope"] == pytest.approx(slope, rel=1e-9) and fits[key]["intercept"] == pytest.approx(intercept)
+        assert fits[key]["r2"] == pytest.approx(stats.linregress(x, y).rvalue ** 2, rel=1e-9)
+    assert fits["psnr@256"]["log_y"] is False and fits["psnr@256"]["slope"] == pytest.approx(1.0)
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    scales, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (scales.extend(ax.get_yscale() for ax in fig.axes),
+                                                                 savefig(fig, *a, **k)))
+    assert sweep.plot_sweep(str(tmp_path / "log.png"), points, fits)
+    assert scales == ["linear", "log", "log"]  # psnr, rfid, rfvd
+
+
 def test_plot_is_optional_and_bad_inputs_fail(toys, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     pt = dict(ckpt="a.pt", p=8, E=64, image_size=32, num_frames=1, psnr=20.0)
