@@ -7,6 +7,7 @@ build_dataset(source, image_size, ...) -> Dataset of (x, label): x in [-1,1], [3
   folders or not); `split_file` keeps the files it lists (UCF-101's trainlist01.txt).
 - "synthetic": shapes in 10 classes (the demo, the tests).
 - "deadleaves": the dead-leaves model of natural images, unlabelled.
+- WebDataset tar shards ("train-{000000..001281}.tar"): images.
 Clips: num_frames frames every frame_stride-th (the paper's 16 at 8 fps: stride 3 on UCF-101's 25).
 Transforms: eval resizes the short side, crops the centre. Training: images RandomResizedCrop
 (scale 0.8-1, ratio 3/4-4/3) + horizontal flip; clips (the paper's recipe: no aspect jitter)
@@ -14,8 +15,12 @@ resize, random square crop + flip, the same for every frame.
 Keys: an index, or (index, seed) from infinite_loader; the seed (index_seed) draws the training
 augmentation, so a crop depends on (run seed, epoch, index) alone and resumed runs repeat batches.
 """
+import io
+import json
 import math
 import os
+import re
+import tarfile
 import warnings
 
 import numpy as np
@@ -137,6 +142,58 @@ class FileDataset(torch.utils.data.Dataset):
 class ImageFolder(FileDataset):
     def load(self, i, gen):
         return load_rgb(self.items[i])[None]
+
+
+class TarShards(FileDataset):
+    """<key>.<image ext> (+ <key>.cls: an int) members read at offsets (_index): ranks and
+    resumes pick samples as in a folder, which a stream cannot."""
+
+    def load(self, i, gen):
+        shard, offset, size = self.spans[i]
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return load_rgb(io.BytesIO(f.read(size)))[None]
+
+
+def _expand(pattern):
+    """a{08..10}.tar -> [a08.tar, a09.tar, a10.tar]: widths kept."""
+    m = re.search(r"{(\d+)\.\.(\d+)}", pattern)
+    if m is None and "{" not in pattern:
+        return [pattern]
+    if m is None or int(m[1]) > int(m[2]):
+        raise UserError(f"bad shard pattern {pattern} (braces: a range like {{000..099}})")
+    return [s for n in range(int(m[1]), int(m[2]) + 1)
+            for s in _expand(pattern[:m.start()] + str(n).zfill(len(m[1])) + pattern[m.end():])]
+
+
+def _index(shard):
+    """[[member, offset, size, label]] of a shard's images, from its headers once (until it
+    changes): in <shard>.idx.json, or ~/.cache/vitok if read-only."""
+    if not os.path.isfile(shard):
+        raise UserError(f"shard {shard} does not exist")
+    path, stamp = os.path.abspath(shard) + ".idx.json", os.stat(shard).st_mtime_ns
+    if not (os.path.isfile(path) or os.access(os.path.dirname(path), os.W_OK)):
+        path = os.path.expanduser("~/.cache/vitok/") + path.replace("/", "%")
+    index = json.load(open(path)) if os.path.isfile(path) else {}
+    if index.get("stamp") == stamp:
+        return index["samples"]
+    images, labels = {}, {}
+    try:
+        with tarfile.open(shard, "r:") as tar:  # uncompressed: offsets are the file's
+            for m in tar:
+                key, ext = re.fullmatch(r"((?:.*/)?[^/.]*)\.?(.*)", m.name, re.S).groups()
+                if ext == "cls":
+                    labels[key] = int(tar.extractfile(m).read())
+                elif "." + ext.lower() in IMAGE_EXTS:
+                    images.setdefault(key, [m.name, m.offset_data, m.size])
+    except (tarfile.TarError, ValueError) as err:  # or a .cls that is no int
+        raise UserError(f"cannot index shard {shard}: {err}") from None
+    samples = [[*v, labels.get(k, -1)] for k, v in images.items()]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.{os.getpid()}", "w") as f:  # renamed: ranks index at once
+        json.dump({"stamp": stamp, "samples": samples}, f)
+    os.replace(f.name, path)
+    return samples
 
 
 class FrameFolder(FileDataset):
@@ -335,6 +392,15 @@ def build_dataset(source, image_size, num_frames=1, train=False, frame_stride=3,
             raise UserError(f"split_file selects files of a folder; {source} has none")
         return (Synthetic if source == "synthetic" else DeadLeaves)(
             image_size, num_frames, train, length)
+    if source.endswith(".tar"):
+        if num_frames > 1 or split_file:
+            raise UserError("tar shards hold images (no clips, no split file)")
+        rows = [(f"{s}:{m}", (s, o, n), y) for s in _expand(source) for m, o, n, y in _index(s)]
+        items, spans, labels = list(zip(*rows)) or [()] * 3
+        dataset = TarShards(items, labels, max(labels, default=-1) + 1, image_size, num_frames,
+                            train, source)
+        dataset.spans = spans
+        return dataset
     if not os.path.isdir(source):
         raise UserError(f"dataset folder {source} does not exist "
                         "(or pass 'synthetic' or 'deadleaves')")

@@ -245,6 +245,12 @@ class TrainingRun:
         self.batch = gb // self.world
         ckpt = config["ckpt"]
         self.state = read_checkpoint(ckpt, config["kind"]) if os.path.exists(ckpt) else None
+        steps = [self.state["step"] if self.state else -1] * self.world
+        if self.world > 1:  # nodes that saw two checkpoints would train two runs
+            dist.all_gather_object(steps, steps[0])
+        if min(steps) < max(steps):
+            raise UserError(f"rank {steps.index(min(steps))} cannot see --ckpt {ckpt}: put it "
+                            "on storage every node shares")
         self.start = self.state["step"] if self.state else 0
         self.last_ckpt = ckpt if self.state else None  # named when a loss goes non-finite
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # on device
