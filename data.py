@@ -1,19 +1,18 @@
-"""Data: image and video folders, two procedural sources, a deterministic distributed loader.
+"""Data: image/video folders, tar shards, procedural sources, a deterministic distributed loader.
 
 build_dataset(source, image_size, ...) -> Dataset of (x, label): x in [-1,1], [3,H,W] (images) or
-[3,T,H,W] (clips); label -1 when unlabelled. Sources:
+[3,T,H,W] (clips); label -1: unlabelled. Sources:
 - a folder: ImageNet (class sub-folders, labels in sorted order), COCO (flat, images), UCF-101
-  (class folders of videos; PyAV: `pip install av`) or frames (a folder per clip, under class
-  folders or not); `split_file` keeps the files it lists (UCF-101's trainlist01.txt).
-- "synthetic": shapes in 10 classes (the demo, the tests).
-- "deadleaves": the dead-leaves model of natural images, unlabelled.
-- WebDataset tar shards ("train-{000000..001281}.tar"): images.
+  (class folders of videos; needs PyAV) or frames (a folder per clip, in class folders or not);
+  `split_file` keeps the files it lists (UCF-101's trainlist01.txt).
+- WebDataset tar shards of images ("train-{000000..001281}.tar").
+- "synthetic": shapes in 10 classes; "deadleaves": the dead-leaves model of natural images.
 Clips: num_frames frames every frame_stride-th (the paper's 16 at 8 fps: stride 3 on UCF-101's 25).
-Transforms: eval resizes the short side, crops the centre. Training: images RandomResizedCrop
-(scale 0.8-1, ratio 3/4-4/3) + horizontal flip; clips (the paper's recipe: no aspect jitter)
-resize, random square crop + flip, the same for every frame.
-Keys: an index, or (index, seed) from infinite_loader; the seed (index_seed) draws the training
-augmentation, so a crop depends on (run seed, epoch, index) alone and resumed runs repeat batches.
+Eval resizes the short side, crops the centre. Training: images RandomResizedCrop (scale 0.8-1,
+ratio 3/4-4/3); clips (the paper's recipe: no aspect jitter) resize, crop a random square, the same
+for every frame; both flip horizontally.
+Keys: an index, or (index, seed) from infinite_loader, whose seed (index_seed) draws the training
+augmentation: a crop depends on (run seed, epoch, index) alone, so resumed runs repeat batches.
 """
 import io
 import json
@@ -39,18 +38,17 @@ def _ext(path):
 
 
 def _scan(folder, exts):
-    """Sorted files of folder with one of exts, and sorted sub-folders (os.scandir: fast)."""
-    with os.scandir(folder) as it:
-        entries = list(it)
+    """Sorted files with one of exts, sorted sub-folders (os.scandir: fast)."""
+    entries = list(os.scandir(folder))
     return (sorted(e.path for e in entries if not e.is_dir() and _ext(e.name) in exts),
             sorted(e.path for e in entries if e.is_dir()))
 
 
 def load_rgb(path):
-    """Any image file -> RGB [3,H,W], uint8 as a float copy costs as much as decoding (transform
-    converts the crop); 16-bit: float in [0,1], scaled, not clipped. Alpha: over white."""
+    """Any image file -> RGB [3,H,W]: uint8 (a float copy costs a decode; transform converts the
+    crop); 16-bit: float in [0,1], scaled, not clipped; alpha over white."""
     with Image.open(path) as img:
-        img.load()  # a truncated or non-image file fails here, in the caller's try
+        img.load()  # a broken file fails here, in the caller's try
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float32) / (
                 65535.0 if img.mode != "I" or np.asarray(img).max() > 255 else 255.0)
@@ -62,8 +60,8 @@ def load_rgb(path):
 
 
 def transform(frames, size, gen=None, square=False):
-    """frames [T,3,h,w] (uint8, or float in [0,1]) -> float [T,3,size,size] in [0,1] (module
-    docstring): eval without gen, clips if square; one draw a clip; 10 tries, as torchvision."""
+    """frames [T,3,h,w] (uint8 or float in [0,1]) -> float [T,3,size,size] in [0,1] (module
+    docstring): eval without gen; clips (square) one draw each; 10 tries, as torchvision."""
     h, w = frames.shape[-2:]
     if gen is None or square:
         frames = TF.resize(frames, size, antialias=True)
@@ -97,28 +95,25 @@ def _to_x(frames, num_frames):
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Files, read by a subclass's load(i, gen) -> [T,3,h,w]; keys: module docstring. A clip's
-    temporal window: `window` None (random when training, else centred), "random", or the
-    fraction of the free frames before its start (0: the first frames, 1: the last)."""
+    """Files, read by a subclass's load(i, gen) -> [T,3,h,w]; keys: module docstring."""
     window = None
 
     def __init__(self, items, labels, num_classes, size, num_frames, train, source, stride=3):
         self.items, self.labels, self.num_classes = items, labels, num_classes
-        self.size, self.num_frames, self.train, self.source, self.stride = (
-            size, num_frames, train, source, stride)
-        self._warned = set()
+        self.size, self.num_frames, self.train, self.source, self.stride, self._warned = (
+            size, num_frames, train, source, stride, set())
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
-        for attempt in range(len(self.items)):  # a bad file: the next good one, with a warning
+        for attempt in range(len(self.items)):  # a bad file: warn, take the next
             i = (index + attempt) % len(self.items)
             gen = torch.Generator().manual_seed(seed)
             try:
                 frames = self.load(i, gen)
-            except Exception as err:  # PIL and PyAV raise many types for broken files
+            except Exception as err:  # PIL and PyAV raise many types
                 if self.items[i] not in self._warned:
                     self._warned.add(self.items[i])
                     warnings.warn(
@@ -130,8 +125,9 @@ class FileDataset(torch.utils.data.Dataset):
         raise UserError(f"no readable file in {self.source}")
 
     def pick(self, n, gen):
-        """num_frames indices at the stride out of n, from the start `window` gives; a short clip
-        repeats its last frame."""
+        """num_frames of n frames, stride apart (a short clip repeats its last), from `window`:
+        None ("random" training, else 0.5: centred), "random", or the fraction of free frames
+        before the start (0: first frames, 1: last)."""
         free = max(0, n - (self.num_frames - 1) * self.stride - 1)  # starts after the first
         window = self.window if self.window is not None else "random" if self.train else 0.5
         start = (int(torch.randint(0, free + 1, (1,), generator=gen)) if window == "random"
@@ -167,8 +163,8 @@ def _expand(pattern):
 
 
 def _index(shard):
-    """[[member, offset, size, label]] of a shard's images, from its headers once (until it
-    changes): in <shard>.idx.json, or ~/.cache/vitok if read-only."""
+    """[[member, offset, size, label]] of a shard's images, read from its headers once (until it
+    changes)."""
     if not os.path.isfile(shard):
         raise UserError(f"shard {shard} does not exist")
     path, stamp = os.path.abspath(shard) + ".idx.json", os.stat(shard).st_mtime_ns
@@ -207,8 +203,8 @@ class FrameFolder(FileDataset):
 
 
 class VideoFolder(FileDataset):
-    """Video files via PyAV. To spare CPU, the clip is picked from the header's frame count (if
-    none, all is decoded), decoding stops after it and only its frames become RGB."""
+    """Video files via PyAV; to spare CPU, decoding stops after the clip (picked from the header's
+    frame count if any) and only its frames become RGB."""
 
     def load(self, i, gen):
         import av
@@ -219,20 +215,19 @@ class VideoFolder(FileDataset):
             for k, frame in enumerate(container.decode(stream)):
                 if want is None or k in want:
                     decoded[k] = frame
-                if want is not None and k >= want[-1]:
+                if want and k >= want[-1]:
                     break
         if not decoded:
             raise ValueError("no decodable video frames")
-        if want is None:
-            want = self.pick(len(decoded), gen)
+        want = want or self.pick(len(decoded), gen)
         # A header that over-counts: repeat the last frame, as a short clip does.
         clip = [decoded[min(k, max(decoded))].to_ndarray(format="rgb24") for k in want]
         return torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2)  # [T,3,h,w] uint8
 
 
 class Procedural(torch.utils.data.Dataset):
-    """Drawn, not read: sample `index` is the same every time (seeded by the index; eval uses
-    another stream). Training adds the files' augmentation, from the key's seed."""
+    """Drawn, not read: sample `index` is seeded by it (eval: another stream); training adds the
+    files' augmentation from the key's seed."""
 
     def __init__(self, size, num_frames=1, train=False, length=None):
         self.size, self.num_frames, self.train = size, num_frames, train
@@ -253,7 +248,7 @@ class Procedural(torch.utils.data.Dataset):
 
 class Synthetic(Procedural):
     """Classes of shape (disc, square, triangle, ring, cross, striped square, striped disc, checker,
-    diamond, two discs) and hue; position, size, background, texture and motion vary."""
+    diamond, two discs) and hue; position, size, background, texture, motion vary."""
 
     num_classes = 10
 
@@ -264,29 +259,21 @@ class Synthetic(Procedural):
 
 def draw(label, size, num_frames, gen):
     """One clip [T,3,S,S] in [0,1]: a class shape moving linearly over a textured two-colour
-    gradient; vectorised."""
+    gradient."""
     r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     line = torch.linspace(-1, 1, size)
     yy, xx = torch.meshgrid(line, line, indexing="ij")
     t = torch.arange(num_frames, dtype=torch.float32)[:, None, None]  # [T,1,1]
     center, velocity, radius = r(2) * 0.8 - 0.4, (r(2) - 0.5) * 0.15, 0.3 + 0.25 * r(1)
     dx, dy = xx - center[0] - velocity[0] * t, yy - center[1] - velocity[1] * t  # [T,S,S]
-    dist, rad = (dx ** 2 + dy ** 2).sqrt(), radius.item()
-    disc, square = dist < rad, torch.maximum(dx.abs(), dy.abs()) < rad
-    freq = 3 * math.pi / rad
-    masks = [
-        disc,
-        square,
-        (dy > -rad) & (dy < 0.6 * rad) & (dx.abs() < (dy + rad) * 0.6),
-        disc & (dist > 0.55 * rad),
-        ((dx.abs() < rad / 3) & (dy.abs() < rad)) | ((dy.abs() < rad / 3) & (dx.abs() < rad)),
-        square & (torch.sin(dy * freq) > 0),
-        disc & (torch.sin(dx * freq) > 0),
-        square & (torch.sin(dx * freq) * torch.sin(dy * freq) > 0),
-        dx.abs() + dy.abs() < rad,
-        ((dx - rad / 2) ** 2 + dy ** 2 < (rad / 2.2) ** 2)
-        | ((dx + rad / 2) ** 2 + dy ** 2 < (rad / 2.2) ** 2),
-    ]
+    dist, rad, ax, ay = (dx ** 2 + dy ** 2).sqrt(), radius.item(), dx.abs(), dy.abs()
+    disc, square, freq = dist < rad, torch.maximum(ax, ay) < rad, 3 * math.pi / rad
+    masks = [  # Synthetic's order
+        disc, square, (dy > -rad) & (dy < 0.6 * rad) & (ax < (dy + rad) * 0.6),
+        disc & (dist > 0.55 * rad), square & (torch.minimum(ax, ay) < rad / 3),
+        square & (torch.sin(dy * freq) > 0), disc & (torch.sin(dx * freq) > 0),
+        square & (torch.sin(dx * freq) * torch.sin(dy * freq) > 0), ax + ay < rad,
+        torch.minimum((dx - rad / 2) ** 2, (dx + rad / 2) ** 2) + dy ** 2 < (rad / 2.2) ** 2]
     hue = (label / 10 + 0.03 * (r(1).item() - 0.5)) % 1.0
     colour = torch.tensor([abs(hue * 6 - 3) - 1, 2 - abs(hue * 6 - 2), 2 - abs(hue * 6 - 4)])
     colour = (0.15 + 0.8 * colour.clamp(0, 1))[:, None, None, None]  # [3,1,1,1] class hue
@@ -294,8 +281,7 @@ def draw(label, size, num_frames, gen):
     ramp = (math.cos(angle) * xx + math.sin(angle) * yy + 1) / 2  # [S,S]
     c0, c1 = 0.2 + 0.6 * r(3, 1, 1), 0.2 + 0.6 * r(3, 1, 1)
     texture = 0.04 * torch.sin(xx * 8 * r(1) * math.pi + yy * 8 * r(1) * math.pi + r(1) * 6)
-    # [3,S,S], darkened so the shape stands out
-    background = (c0 * (1 - ramp) + c1 * ramp + texture) * 0.7
+    background = (c0 * (1 - ramp) + c1 * ramp + texture) * 0.7  # [3,S,S], dim: shapes stand out
     frames = torch.where(masks[label][None], colour, background[:, None])  # [3,T,S,S]
     return frames.transpose(0, 1).clamp(0, 1)  # [T,3,S,S]
 
@@ -307,32 +293,32 @@ class DeadLeaves(Procedural):
     num_classes = 0
 
     def render(self, index, gen):
-        # Drawn at twice the size and averaged (anti-aliased edges), leaves from 4 px: the
-        # statistics of photo tiles (README, Results), not the one-pixel confetti of rmin = 1.
+        # Drawn at twice the size and averaged (anti-aliased edges); leaves and gratings from
+        # 4 px: photo tiles' statistics (README, Results), not rmin = 1's one-pixel confetti.
         x = dead_leaves(2 * self.size, self.num_frames, gen, rmin=8.0, wmin=8.0, contrast=0.5)
         return torch.nn.functional.avg_pool2d(x, 2), -1
 
 
 def dead_leaves(size, num_frames, gen, rmin=1.0, rmax=None, cover=3.0, wmin=2.0, contrast=1.0):
     """One clip [T,3,S,S] in [0,1]: discs and rotated rectangles fall one on another, radii of
-    density r^-3 on [rmin, rmax] px (default S): scale-invariant, so a 1/f^2 spectrum. Textured
-    leaves (below) drift up to S/128 px a frame and cover the image `cover` times on average, over
-    leaf 0, which covers all; colours spread `contrast` around grey."""
-    S, T = size, num_frames
-    rmax = float(rmax or S)
+    density r^-3 on [rmin, rmax or S] px, scale-invariant: a 1/f^2 spectrum. Over leaf 0 (all of
+    it), textured leaves (below) cover the image `cover` times on average, drift up to S/128 px a
+    frame; colours spread `contrast` around grey."""
+    S, T, rmax = size, num_frames, float(rmax or size)
     # E[r^2] under r^-3
     mean_r2 = 2 * rmin ** 2 * rmax ** 2 * math.log(rmax / rmin) / (rmax ** 2 - rmin ** 2)
     n = int(cover * S * S / (math.pi * mean_r2))
     u = torch.rand(n + 1, 19, generator=gen).numpy()  # leaf i's numbers; higher i lies on top
     radius = (rmin ** -2 - u[:, 0] * (rmin ** -2 - rmax ** -2)) ** -0.5
-    radius[0] = 2 * S  # above: the inverse CDF of r^-3 on [rmin, rmax]
+    radius[0] = 2 * S  # above: the inverse CDF
     t = np.arange(T)[:, None]
     cy, cx = (u[:, j] * S + (u[:, j + 2] - 0.5) * t * S / 64 for j in (1, 2))  # [T,n+1]
-    cos, sin = np.cos(u[:, 5] * math.pi), np.sin(u[:, 5] * math.pi)
+    unit = lambda angle: np.stack([np.cos(angle), np.sin(angle)], 1)  # noqa: E731
+    cos, sin = unit(u[:, 5] * math.pi).T
     rect, aspect = u[:, 6] < 0.5, math.pi / 8 + u[:, 7] * math.pi / 8
     half_a, half_b = radius * np.sin(aspect), radius * np.cos(aspect)  # half sides; half diagonal r
-    # Vectorised by shape and octave: a leaf tests the square of half-width 2^ceil(log2 r), so each
-    # octave of r^-3 sizes costs about the same, in a canvas padded by P per side: no bounds test.
+    # Vectorised by shape and octave: a leaf tests the square of half-width 2^ceil(log2 r) (each
+    # octave of r^-3 costs about the same) in a canvas padded by P a side: no bounds test.
     group = 2 * np.maximum(np.ceil(np.log2(radius)), 0).astype(np.int64) + rect
     P = S // 2 + math.ceil(T * S / 128) + 2
     W = S + 2 * P
@@ -361,14 +347,12 @@ def dead_leaves(size, num_frames, gen, rmin=1.0, rmax=None, cover=3.0, wmin=2.0,
     top = np.zeros(T * W * W, dtype=np.int64)  # the last leaf to fall on each pixel
     np.maximum.at(top, np.concatenate(flats), np.concatenate(ids))
     k = top.reshape(T, W, W)[:, P:P + S, P:P + S].reshape(T, S * S)  # [T,S*S] the leaf seen
-    # Per leaf: a ramp of up to +-0.2 across its radius; on half of them a grating, wavelength
-    # wmin px to ~r, amplitude up to 0.1; a luminance and a weaker tint.
-    ramp = (u[:, 13:14] - 0.5) * 0.4 / radius[:, None] * np.stack(
-        [np.cos(u[:, 14] * 2 * math.pi), np.sin(u[:, 14] * 2 * math.pi)], 1)
+    # Per leaf: a luminance, a weaker tint, a ramp of up to +-0.2 across its radius; on half, a
+    # grating of wavelength wmin px to ~r, amplitude up to 0.1.
+    ramp = (u[:, 13:14] - 0.5) * 0.4 / radius[:, None] * unit(u[:, 14] * 2 * math.pi)
     wavenumber = 2 * math.pi / np.exp(
         math.log(wmin) + u[:, 16] * np.log(np.maximum(radius, wmin) / wmin + 1))
-    wave = wavenumber[:, None] * np.stack(
-        [np.cos(u[:, 17] * math.pi), np.sin(u[:, 17] * math.pi)], 1)
+    wave = wavenumber[:, None] * unit(u[:, 17] * math.pi)
     amplitude = np.maximum(u[:, 15] - 0.5, 0) * 0.2
     colour = 0.5 + contrast * (u[:, 8:9] - 0.5 + (u[:, 9:12] - 0.5) * 0.6 * u[:, 12:13])
     table = np.concatenate(
@@ -385,8 +369,8 @@ def dead_leaves(size, num_frames, gen, rmin=1.0, rmax=None, cover=3.0, wmin=2.0,
 
 def build_dataset(source, image_size, num_frames=1, train=False, frame_stride=3, split_file=None,
                   length=None):
-    """See the module docstring. A bare split_file name ("trainlist01") is sought in
-    ucfTrainTestlist, in or beside `source`. length: a procedural source's size."""
+    """Module docstring; a bare split_file ("trainlist01") is sought in ucfTrainTestlist, in or
+    beside `source`; length: a procedural source's size."""
     if source in ("synthetic", "deadleaves"):
         if split_file is not None:
             raise UserError(f"split_file selects files of a folder; {source} has none")
@@ -413,38 +397,33 @@ def build_dataset(source, image_size, num_frames=1, train=False, frame_stride=3,
             import av  # noqa: F401
         except ImportError:
             raise UserError(f"reading the videos in {source} needs PyAV: pip install av") from None
-    return reader(items, labels, num_classes, size=image_size, num_frames=num_frames, train=train,
-                  source=source, stride=frame_stride)
+    return reader(items, labels, num_classes, image_size, num_frames, train, source, frame_stride)
 
 
 def _find(source, num_frames):
-    """The layout of a folder -> (dataset class, items, labels, number of classes)."""
+    """A folder's layout -> (dataset class, items, labels, number of classes)."""
     files, dirs = _scan(source, IMAGE_EXTS | VIDEO_EXTS)
     if num_frames == 1:
         images = [f for f in files if _ext(f) in IMAGE_EXTS]
-        if images:  # flat (COCO val2017): unlabelled
+        if images:  # flat (COCO val2017)
             return ImageFolder, images, [-1] * len(images), 0
-        items, labels = [], []
-        for label, d in enumerate(dirs):  # ImageNet
-            found = _scan(d, IMAGE_EXTS)[0]
-            items += found
-            labels += [label] * len(found)
-        if items:
-            return ImageFolder, items, labels, len(dirs)
+        found = [(f, label) for label, d in enumerate(dirs) for f in _scan(d, IMAGE_EXTS)[0]]
+        if found:  # ImageNet
+            return ImageFolder, [f for f, _ in found], [y for _, y in found], len(dirs)
         raise UserError(f"no images found in {source}: "
                         "expected image files, or class sub-folders of images")
     videos = [f for f in files if _ext(f) in VIDEO_EXTS]
     if videos:
         return VideoFolder, videos, [-1] * len(videos), 0
-    # Class folders; one with neither media nor sub-folders (UCF-101's ucfTrainTestlist) is none.
+    # Class folders, less any with neither media nor sub-folders (UCF-101's ucfTrainTestlist).
     scans = [(d, *_scan(d, IMAGE_EXTS | VIDEO_EXTS)) for d in dirs]
-    scans = [(d, media, subs) for d, media, subs in scans if media or subs]
-    items, labels, reader = [], [], None
+    scans = [s for s in scans if s[1] or s[2]]
+    items, labels = [], []
     for label, (d, media, subs) in enumerate(scans):
         videos = [f for f in media if _ext(f) in VIDEO_EXTS]
         if videos:  # UCF-101: class/video.avi
             found, reader = videos, VideoFolder
-        elif media:  # root/clip/frames: unlabelled clips
+        elif media:  # root/clip/frames
             found, reader, label = [d], FrameFolder, -1
         else:  # root/class/clip/frames
             found, reader = subs, FrameFolder
@@ -457,9 +436,9 @@ def _find(source, num_frames):
 
 
 def _listed(source, split_file, items):
-    """Indices of the items split_file lists (lines "Class/v_x.avi 1" or "Class/v_x.avi", under
-    source, all present). Labels stay the sorted class folders', the same for every split: UCF-101's
-    column (sorted case-blind, so differing in places) is ignored."""
+    """Indices of the items split_file lists (lines "Class/v_x.avi[ 1]", under source, all
+    present). Labels stay the sorted class folders' in every split; UCF-101's column (sorted
+    case-blind: it differs in places) is ignored."""
     path = split_file
     if not os.path.isfile(path):
         name = os.path.basename(path) + ("" if path.endswith(".txt") else ".txt")
@@ -471,12 +450,11 @@ def _listed(source, split_file, items):
             raise UserError(f"split file {split_file} not found, nor at {', '.join(places)}")
     listed = []
     with open(path) as f:
-        for line in f:
-            parts = line.strip().rsplit(maxsplit=1)
-            if parts:
-                rel = parts[0] if len(parts) == 2 and parts[1].isdigit() else line.strip()
-                listed.append(os.path.normpath(rel.replace("\\", "/")))
-    where = {os.path.normpath(os.path.relpath(item, source)): i for i, item in enumerate(items)}
+        for line in filter(None, map(str.strip, f)):
+            head, *tail = line.rsplit(maxsplit=1)
+            listed.append(os.path.normpath(
+                (head if tail and tail[0].isdigit() else line).replace("\\", "/")))
+    where = {os.path.relpath(item, source): i for i, item in enumerate(items)}  # normalised
     missing = [rel for rel in listed if rel not in where]
     if missing:
         shown = ", ".join(os.path.join(source, rel) for rel in missing[:3])
@@ -491,9 +469,9 @@ def index_seed(index, seed=0, epoch=0):
 
 
 def infinite_loader(dataset, batch_size, rank=0, world_size=1, seed=0, start_step=0, num_workers=2):
-    """Batches (x, y) of batch_size per rank, forever. Epoch e is one permutation (seed, e); rank r
-    takes every world_size-th entry, so global batch k is the same for any number of ranks. Step k
-    depends only on (seed, k, rank, world_size): start_step skips earlier batches undecoded."""
+    """Batches (x, y) of batch_size per rank, forever. Epoch e permutes (seed, e); rank r takes
+    every world_size-th entry: global batch k is the same for any number of ranks, and step k
+    depends only on (seed, k, rank, world_size): start_step skips batches undecoded."""
     per_rank = len(dataset) // world_size
     steps_per_epoch = per_rank // batch_size
     if steps_per_epoch == 0:

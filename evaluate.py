@@ -1,16 +1,16 @@
-"""Evaluate tokenizers and generators as the paper does (§4); the protocol's choices are in the
+r"""Evaluate tokenizers and generators as the paper does (§4); the protocol's choices are in the
 README's Differences.
 
     python evaluate.py --ckpt ae.pt --data /datasets/imagenet/val --json ae.json  # PSNR SSIM rFID
     torchrun --nproc_per_node=8 evaluate.py --ckpt vae.pt --data /datasets/ucf101 \
-        --split-file testlist01                                                   # + rFVD
-    python evaluate.py --ckpt dit.pt --ref VIRTUAL_imagenet256_labeled.npz        # gFID gIS
+        --split-file testlist01  # + rFVD
+    python evaluate.py --ckpt dit.pt --ref VIRTUAL_imagenet256_labeled.npz  # gFID gIS
     python evaluate.py --data /datasets/imagenet/train --save-ref imagenet_ref.npz  # reference
-    python evaluate.py --sweep sweep_*.pt --data deadleaves --plot scaling.png      # Fig. 3
+    python evaluate.py --sweep sweep_*.pt --data deadleaves --plot scaling.png  # Fig. 3
 
-Pretrained networks are the standard tools' files; a metric whose network is missing is skipped
-with a message saying what to download where, never estimated. Memory does not grow with the
-samples (running sums; samples in per-rank shards on disk).
+Feature networks are the standard tools' files; a metric whose file is missing is skipped, saying
+what to download where, never estimated. Memory does not grow with the samples (running sums;
+samples in per-rank shards on disk).
 """
 import argparse
 import json
@@ -40,24 +40,23 @@ GFID_PROTOCOL = ("running estimate: torch resize; for published numbers run ADM'
                  "(guided-diffusion/evaluations/evaluator.py) on the samples .npz")
 
 
-# ---- Pixel metrics on uint8-rounded images (0..255 as floats) ----
+# ---- Pixel metrics on uint8-rounded images ----
 def to_uint8(x):
     """[-1,1] -> rounded 0..255 (float), as if the images were saved and read back."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
 def psnr(x, y, data_range=255.0):
-    """10 log10(range^2 / MSE) per image [N] of x, y [N,3,H,W] in 0..255; the paper's code pools
-    the MSE over a batch first (the README's Differences)."""
+    """10 log10(range^2 / MSE) per image [N] of x, y [N,3,H,W] in 0..255 (the paper's code pools
+    the MSE over a batch first)."""
     mse = (x.double() - y.double()).pow(2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-10))
 
 
 def ssim(x, y, form="paper", data_range=255.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
-    """SSIM (Wang et al. 2004) per image [N] of x, y [N,3,H,W] in 0..255: the mean map of an 11x11
-    Gaussian window (sigma 1.5) per channel. form "paper": reflect-padded by 5, the map covers every
-    pixel (torchmetrics, as the paper's code); "valid": windows inside only (Wang's code). They
-    differ most on small images."""
+    """SSIM (Wang et al. 2004) per image [N] of x, y [N,3,H,W] in 0..255: the mean map of a Gaussian
+    window per channel. form "paper": reflect-padded, every pixel (torchmetrics, as the paper's
+    code); "valid": windows inside only (Wang's code), most different on small images."""
     g = torch.exp(-(torch.arange(size, dtype=torch.float64) - size // 2) ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
     window = torch.outer(g, g).expand(3, 1, size, size).to(x.device)
@@ -68,24 +67,22 @@ def ssim(x, y, form="paper", data_range=255.0, size=11, sigma=1.5, k1=0.01, k2=0
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1)
-                                                     * (var_x + var_y + c2))
-    return s.mean(dim=(1, 2, 3))
+    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    return (num / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))).mean(dim=(1, 2, 3))
 
 
-# ---- Statistics: constant-size running sums, summed over ranks once; FID, IS ----
+# ---- Statistics: running sums, summed over ranks once; FID, IS ----
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017), scipy's sqrtm as the
     standard tools; retried with eps I on both covariances if singular; an error if not real."""
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    (mu1, mu2), (sigma1, sigma2) = np.atleast_1d(mu1, mu2), np.atleast_2d(sigma1, sigma2)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(sigma1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: imaginary component "
+            raise ValueError("Frechet distance: imaginary component "
                              f"{np.abs(covmean.imag).max():.3g} in sqrtm")
         covmean = covmean.real
     diff = mu1 - mu2
@@ -93,8 +90,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 class Sums:
-    """Named float64 sums on the device (per-image metrics, feature moments, IS splits); reduce()
-    sums over ranks (each sees a batch, so all have the same names)."""
+    """Named float64 sums on the device; reduce() sums over ranks (each sees a batch, so all have
+    the same names)."""
 
     def __init__(self, device):
         self.device, self.sums = device, {}
@@ -114,10 +111,8 @@ class Sums:
         """Per IS split (split [N] gives each row's): count, sum of p(y|x), sum of sum_y p log p."""
         logp = logits.to(self.device, torch.float64).log_softmax(1)  # [N,K]
         p, split = logp.exp(), split.to(self.device)
-        zeros = lambda *shape: p.new_zeros(splits, *shape)  # noqa: E731
-        self.add(f"{name}_is_n", zeros().index_add_(0, split, torch.ones_like(logp[:, 0])))
-        self.add(f"{name}_is_p", zeros(p.shape[1]).index_add_(0, split, p))
-        self.add(f"{name}_is_plogp", zeros().index_add_(0, split, (p * logp).sum(1)))
+        for key, v in (("n", torch.ones_like(p[:, 0])), ("p", p), ("plogp", (p * logp).sum(1))):
+            self.add(f"{name}_is_{key}", v.new_zeros(splits, *v.shape[1:]).index_add_(0, split, v))
 
     def reduce(self):
         """All ranks: the sums over ranks, as numpy arrays."""
@@ -128,7 +123,7 @@ class Sums:
 
 
 def gaussian(s, name):
-    """Mean [G,D] and covariance [G,D,D] (ddof=1, as np.cov) of G feature groups, from the sums."""
+    """Mean [G,D] and covariance [G,D,D] (ddof=1, as np.cov) of G feature groups from the sums."""
     n, mu = s[f"{name}_n"], s[f"{name}_sum"] / s[f"{name}_n"]
     return mu, (s[f"{name}_outer"] - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
 
@@ -149,18 +144,16 @@ def inception_score(s, name):
 
 def add_features(sums, nets, prefix, x, indices, n, video_fid="per-frame", is_splits=IS_SPLITS):
     """Inception features of every frame, I3D features of each clip, of x in [-1,1] (samples
-    `indices` of n). Video FID: a Gaussian per frame index (the paper's code) or all frames pooled;
-    IS takes every frame, a clip's frames in its split."""
+    `indices` of n). IS takes every frame, a clip's frames in its split."""
     B = x.shape[0]
     if "inception" in nets:
         pool, logits = nets["inception"](frames_to_batch(x).to(sums.device))  # [B*T,2048]
         T = pool.shape[0] // B
         sums.add_moments(f"{prefix}_pool",
                          pool.view(B, T, -1) if video_fid == "per-frame" else pool[:, None])
-        splits = min(is_splits, n)
-        # The improved-GAN code's splits [k n/s, (k+1) n/s)
-        split = ((torch.as_tensor(indices) + 1) * splits - 1) // n
-        sums.add_is(prefix, logits, split.repeat_interleave(T), splits)
+        s = min(is_splits, n)  # the improved-GAN code's splits [k n/s, (k+1) n/s)
+        split = ((torch.as_tensor(indices) + 1) * s - 1) // n
+        sums.add_is(prefix, logits, split.repeat_interleave(T), s)
     if "i3d" in nets and x.dim() == 5:
         i3d = features.i3d_features(nets["i3d"], x.to(sums.device))
         sums.add_moments(f"{prefix}_i3d", i3d[:, None])
@@ -172,7 +165,7 @@ def networks(opts, video, rank, device):
 
 
 def shard(dataset, num_samples, rank, world):
-    """(n, Subset): rank r's items r, r + world, ... (.indices) of the first num_samples or all."""
+    """(n, Subset): rank r's items r, r + world, ... of the first num_samples or all."""
     n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
     if n < world:
         raise UserError(f"{n} samples cannot be split over {world} ranks")
@@ -180,7 +173,7 @@ def shard(dataset, num_samples, rank, world):
 
 
 def batches(part, batch_size, workers, desc, rank):
-    """(global indices, x) of each batch of a shard, a progress bar on rank 0; workers <= cores."""
+    """(global indices, x) of each batch of a shard, a progress bar on rank 0."""
     workers = min(workers, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers)
     for b, (x, _) in enumerate(tqdm(loader, desc=desc, disable=rank != 0)):
@@ -200,8 +193,8 @@ def bilinear_codec(x, floats):
 
 @torch.no_grad()
 def reconstruct(model, part, n, nets, lpips, opts, rank, device):
-    """Sums over ranks of PSNR, SSIM, LPIPS, the bilinear codec's PSNR and both sides' features
-    for the reconstructions of `part` (of n). Returns (results on rank 0, samples to show)."""
+    """PSNR, SSIM, LPIPS, the bilinear codec's PSNR and both sides' features of the reconstructions
+    of `part` (of n), summed over ranks: (results on rank 0, samples to show)."""
     sums, shown = Sums(device), None
     for indices, x in batches(part, opts["batch_size"], opts["workers"], "reconstruct", rank):
         x = x.to(device)
@@ -223,12 +216,13 @@ def reconstruct(model, part, n, nets, lpips, opts, rank, device):
             sums.add("lpips", lpips(recon, real, reduce=False).sum())
         for prefix, v in (("real", real), ("recon", recon)):
             add_features(sums, nets, prefix, v, indices, n, opts["video_fid"], opts["is_splits"])
-        shown = shown if shown is not None else (real[:8].cpu(), recon[:8].cpu())
+        if shown is None:
+            shown = real[:8].cpu(), recon[:8].cpu()
     s = sums.reduce()
     if rank != 0:
         return {}, shown
-    keys = ("psnr", "ssim", "lpips", "baseline_psnr")
-    results = {k: float(s[k] / s["count"]) for k in keys if k in s}
+    results = {k: float(s[k] / s["count"]) for k in ("psnr", "ssim", "lpips", "baseline_psnr")
+               if k in s}
     mse = np.maximum(s["sq_err"] / s["pixels"], 1e-10)  # the whole set's, as one batch
     results["psnr_pooled"] = float(10 * np.log10(255 ** 2 / mse))
     if "real_pool_n" in s:
@@ -240,7 +234,7 @@ def reconstruct(model, part, n, nets, lpips, opts, rank, device):
 
 
 def evaluate_tokenizer(ckpt, name, source, opts, rank, world, device):
-    """A tokenizer on `source` at opts' resolution (default: its own): (results, n, used, shown)."""
+    """A tokenizer on `source` at opts' resolution (default: its own)."""
     config = ckpt["config"]
     model = vitok.from_checkpoint(ckpt, name=name).to(device)
     size, T = opts["image_size"] or config["image_size"], config["num_frames"]
@@ -252,9 +246,8 @@ def evaluate_tokenizer(ckpt, name, source, opts, rank, world, device):
     nets, used = networks(opts, T > 1, rank, device)
     used["model"] = runtime.weights_key(ckpt)
     try:
-        lpips = losses.LPIPS().to(device)
-        used["lpips"] = "vgg"
-    except UserError as err:  # no VGG16 file: go on without LPIPS
+        lpips, used["lpips"] = losses.LPIPS().to(device), "vgg"
+    except UserError as err:  # no VGG16 file
         lpips = None
         if rank == 0:
             print(f"LPIPS skipped: {err}", flush=True)
@@ -267,32 +260,28 @@ def evaluate_tokenizer(ckpt, name, source, opts, rank, world, device):
 
 # ---- Generator: CFG samples, decoded, against reference statistics ----
 def noise_and_labels(indices, shape, num_classes, seed, balanced=False):
-    """Sample i's noise [*shape], class and DDIM noise (the function), seeded by (seed, i) alone, so
-    independent of ranks and batch size. Classes uniform (DiT's sample_ddp.py), balanced: i mod K,
-    or 0 for K = 0."""
-    z, y, gens = [], [], []
-    for i in indices:
-        g = torch.Generator().manual_seed(seed * 10_000_019 + i)
-        gens.append(g)
-        z.append(torch.randn(shape, generator=g))
-        y.append(0 if not num_classes else i % num_classes if balanced else
-                 int(torch.randint(num_classes, (), generator=g)))
+    """Sample i's noise [*shape], class and DDIM noise (a function), seeded by (seed, i) alone:
+    independent of ranks and batch size. Classes uniform (DiT's sample_ddp.py) or, balanced, i mod
+    K; 0 if K = 0."""
+    gens = [torch.Generator().manual_seed(seed * 10_000_019 + i) for i in indices]
+    z = torch.stack([torch.randn(shape, generator=g) for g in gens])  # before g draws a class
+    y = [0 if not num_classes else i % num_classes if balanced else
+         int(torch.randint(num_classes, (), generator=g)) for i, g in zip(indices, gens)]
 
     def noise(x):  # DDIM's eta > 0 noise for x [B,*shape]: row i's from sample i's generator
         return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(x.device)
-    return torch.stack(z), torch.tensor(y), noise
+    return z, torch.tensor(y), noise
 
 
 def open_shard(path, rank, rows, shape, dtype=np.uint8):
-    """This rank's rows of the future `path` (.npz): a memory-mapped .npy beside it, so that no
-    process holds more than a batch."""
+    """This rank's rows of the future `path` (.npz): a memory-mapped .npy beside it."""
     return np.lib.format.open_memmap(f"{path}.rank{rank}.npy", mode="w+", dtype=dtype,
                                      shape=(rows, *shape))
 
 
 def join_shards(path, n, world, block=256, head=16):
-    """Rank 0, all shards flushed: the n rows in order (row i: row i // world of shard i % world)
-    to `path` as np.savez's `arr_0`, a block at a time; shards removed. Returns the first `head`."""
+    """Rank 0, all shards flushed: the n rows in order to `path` as np.savez's `arr_0`, a block at
+    a time; shards removed. Returns the first `head`."""
     shards = [np.load(f"{path}.rank{r}.npy", mmap_mode="r") for r in range(world)]
     header = {**np.lib.format.header_data_from_array_1_0(shards[0][:1]),
               "shape": (n, *shards[0].shape[1:])}
@@ -332,27 +321,26 @@ def load_reference(path):
     """mu/sigma (mu_i3d/sigma_i3d), with a group axis, of ADM's reference batches (arr_0 unread)
     or --save-ref's .npz."""
     with np.load(path) as f:
-        keys = [k for k in ("mu", "sigma", "mu_i3d", "sigma_i3d") if k in f.files]
-        ref = {k: f[k].astype(np.float64) for k in keys}
+        ref = {k: f[k].astype(np.float64) for k in ("mu", "sigma", "mu_i3d", "sigma_i3d")
+               if k in f.files}
     return {k: v[None] if v.ndim == (1 if k.startswith("mu") else 2) else v for k, v in ref.items()}
 
 
 @torch.no_grad()
 def evaluate_generator(ckpt, name, source, opts, rank, world, device):
     """n DiT samples (opts["num_samples"]), decoded, written to a .npz; their gFID/gIS (gFVD)
-    against opts["ref"] or `source`. Returns (results, n, used, shown)."""
+    against opts["ref"] or `source`."""
     config = ckpt["config"]
     ae_path = opts["ae_ckpt"] or config["ae_ckpt"]
     if not os.path.exists(ae_path):
         raise UserError(f"the tokenizer {ae_path} named by {name} is missing; pass --ae-ckpt")
-    model = dit.from_checkpoint(ckpt, name=name).to(device)  # main's read, not read again
+    model = dit.from_checkpoint(ckpt, name=name).to(device)
     ae_ckpt = runtime.read_checkpoint(ae_path, kind="ae")
     ae = vitok.from_checkpoint(ae_ckpt, name=ae_path).to(device)
     K, T, S = config["num_classes"], config["num_frames"], config["image_size"]
     size = (S, S) if T == 1 else (T, S, S)
     n = opts["num_samples"] or (10_000 if T > 1 else 50_000)  # clips: MAGVIT's, LARP's UCF
-    if n < world:
-        raise UserError(f"{n} samples cannot be split over {world} ranks")
+    mine = shard(range(n), n, rank, world)[1].indices
     cfg_scale = opts["cfg_scale"] if K else 1.0  # unconditional: nothing to guide
     labels = "balanced" if opts["balanced_labels"] else "random"
     nets, used = networks(opts, T > 1, rank, device)
@@ -363,7 +351,6 @@ def evaluate_generator(ckpt, name, source, opts, rank, world, device):
               f"samples, {opts['sample_steps']} DDIM steps, cfg {cfg_scale}, {K} classes "
               f"({labels}), {opts['precision']}", flush=True)
     out = opts["samples"] or os.path.splitext(name)[0] + "_samples.npz"
-    mine = range(rank, n, world)
     rows = open_shard(out, rank, len(mine), (*size, 3))  # N(T)HWC
     sums, batch = Sums(device), opts["batch_size"]
     for start in tqdm(range(0, len(mine), batch), desc="sample", disable=rank != 0):
@@ -399,12 +386,12 @@ def evaluate_generator(ckpt, name, source, opts, rank, world, device):
     results = {}
     for stat, key, metric in (("gen_pool", "", "gfid"), ("gen_i3d", "_i3d", "fvd")):
         if f"{stat}_n" in s and f"mu{key}" in ref:
-            mu, sigma = gaussian(s, stat)
-            if ref[f"mu{key}"].shape != mu.shape:
-                raise UserError(f"the reference statistics {ref[f'mu{key}'].shape} do not match "
-                                f"the samples' {mu.shape} (per-frame video FID needs per-frame "
+            ours, theirs = gaussian(s, stat), (ref[f"mu{key}"], ref[f"sigma{key}"])
+            if theirs[0].shape != ours[0].shape:
+                raise UserError(f"the reference statistics {theirs[0].shape} do not match the "
+                                f"samples' {ours[0].shape} (per-frame video FID needs per-frame "
                                 f"references: --save-ref with --num-frames)")
-            results[metric] = fid((mu, sigma), (ref[f"mu{key}"], ref[f"sigma{key}"]))
+            results[metric] = fid(ours, theirs)
     if "gen_is_n" in s:
         results["gis"] = inception_score(s, "gen")[0]
     shown = torch.from_numpy(head).movedim(-1, 1).float() / 127.5 - 1
@@ -430,9 +417,9 @@ def evaluate_sweep(paths, source, opts, plot, json_path, rank, world, device):
     ckpts = [runtime.read_checkpoint(path, kind="ae", mmap=True) for path in paths]
     points = []
     for path, ckpt in zip(paths, ckpts):
-        config, src = ckpt["config"], source or ckpt["config"]["data"]
+        config = ckpt["config"]
+        src, size = source or config["data"], opts["image_size"] or config["image_size"]
         results, n, _, _ = evaluate_tokenizer(ckpt, path, src, opts, rank, world, device)
-        size = opts["image_size"] or config["image_size"]
         points.append(sweep.sweep_point(path, config, ckpt.get("step"), size, src, results, n))
     if rank == 0:
         sweep.report(points, plot, json_path)
@@ -453,13 +440,13 @@ def main(args):
         save_reference(args.save_ref, args.data, opts, rank, world, device)
         return runtime.cleanup_distributed()
     ckpt = runtime.read_checkpoint(args.ckpt)
-    kind, video = ckpt["config"]["kind"], ckpt["config"]["num_frames"] > 1
+    kind = ckpt["config"]["kind"]
     # bf16 for tokenizers (equal to fp32 in the paper, App. A); fp32 for DiT sampling, as DiT's
     precision = args.precision or ("fp32" if kind == "dit" else "bf16")
     opts = {**opts, "precision": precision}
     protocol = {"precision": runtime.precision_used(device, precision), "is_splits": args.is_splits,
                 "fid_network": features.InceptionFeatures.NAMES[args.inception]}
-    if video:
+    if ckpt["config"]["num_frames"] > 1:
         protocol["video_fid"] = args.video_fid
     if kind == "ae":
         source = args.data or ckpt["config"]["data"]  # "synthetic" has a separate eval stream
@@ -471,8 +458,8 @@ def main(args):
         source = args.data
         protocol.update(labels="balanced" if args.balanced_labels else "random", eta=args.eta,
                         gfid_protocol=GFID_PROTOCOL)
-    evaluate_ckpt = evaluate_tokenizer if kind == "ae" else evaluate_generator
-    results, n, used, shown = evaluate_ckpt(ckpt, args.ckpt, source, opts, rank, world, device)
+    run = evaluate_tokenizer if kind == "ae" else evaluate_generator
+    results, n, used, shown = run(ckpt, args.ckpt, source, opts, rank, world, device)
     if rank == 0:
         print(f"\n{'metric':<14}{'value':>12}")
         for k, v in results.items():
@@ -501,7 +488,7 @@ def parse_args(argv=None):
     add("--is-splits", type=int, default=IS_SPLITS, help="IS splits (the official code's 1 reads "
         "5-8%% higher)")
     add("--i3d-weights", help=f"StyleGAN-V's {features.I3D_FILE} for FVD (default: as above)")
-    add("--json", help="the results as one JSON object")
+    add("--json", help="the results as JSON")
     add("--grid", help="PNG of originals/reconstructions or samples (default: by --json/--ckpt)")
     add("--image-size", type=int, help="resolution (default: the checkpoint's)")
     add("--num-frames", type=int, default=1, help="--save-ref only: clip length")
@@ -516,7 +503,7 @@ def parse_args(argv=None):
     add("--workers", type=int, default=4, help="loader workers per rank (<= cores)")
     add("--precision", choices=["bf16", "fp32"], help="GPU autocast (default: bf16 for tokenizers, "
         "fp32 for DiT; bf16's gFID is unmeasured)")
-    add("--ae-ckpt", help="DiT: its tokenizer (default: the one its checkpoint names)")
+    add("--ae-ckpt", help="DiT: its tokenizer (default: its checkpoint's)")
     add("--cfg-scale", type=float, default=1.5, help="DiT: classifier-free guidance scale")
     add("--sample-steps", type=int, default=250, help="DiT: DDIM steps (default 250)")
     add("--eta", type=float, default=1.0, help="DiT: DDIM eta (the official "
@@ -528,8 +515,8 @@ def parse_args(argv=None):
     add("--num-ref", type=int, help="DiT/--save-ref: at most this many reference samples")
     add("--samples", help="DiT: the samples .npz (default <ckpt>_samples.npz)")
     add("--save-ref", help="with --data, no --ckpt: write reference statistics to this .npz")
-    add("--sweep", nargs="+", metavar="CKPT", help="tokenizers of an E sweep (Fig. 3): a table of "
-        "p, c, L, E = L*c and the metrics, fits on log2 E (R^2), spreads at equal E")
+    add("--sweep", nargs="+", metavar="CKPT",
+        help="tokenizers of an E sweep (Fig. 3): a table, fits on log2 E (R^2), spreads at equal E")
     add("--plot", metavar="PNG", help="--sweep: Fig. 3's plot (needs matplotlib)")
     return p.parse_args(argv)
 

@@ -107,6 +107,18 @@ def parse_flags(description, defaults, presets, helps, argv=None):
     return p.parse_args(argv)
 
 
+RUN_HELP = {  # the flags that both trainers have, with one meaning
+    "data": "dataset folder, 'synthetic', 'deadleaves' or tar shards ('train-{000..099}.tar')",
+    "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",
+    "steps": "optimizer steps", "weight_decay": "AdamW weight decay", "ema": "EMA decay",
+    "precision": ("bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
+                  dict(choices=["bf16", "fp32"])),
+    "workers": "data-loader workers per rank", "seed": "seed of weights, data order and noise",
+    "log_every": "steps per log line", "ckpt_every": "steps per checkpoint",
+    "sample_every": "steps per grid",
+}
+
+
 def merge(args, defaults, presets, kind):
     """defaults < the preset's entries < explicit flags; `kind` ("ae" or "dit") is the trainer,
     stored in the config and so in every checkpoint."""

@@ -65,9 +65,9 @@ def sweep_fits(points):
 
 
 def sweep_spreads(points):
-    """Fig. 3's other half: equal E split differently (p, c, which fix q given E and the frames)
-    should score alike. Per resolution and E reached by several splits: the splits and each
-    metric's spread (max - min) over them, a split's checkpoints (seeds) averaged."""
+    """Fig. 3's other half: equal E split differently (p, c; they fix q given E and the frames)
+    should score alike. Per resolution and E with several splits: the splits, each metric's spread
+    (max - min) over them, a split's checkpoints (seeds) averaged."""
     groups = {}  # (frames, size, E) -> (p, c) -> points
     for pt in points:
         key = (pt["num_frames"], pt["image_size"], pt["E"])
@@ -117,7 +117,7 @@ def plot_sweep(path, points, fits):
         from matplotlib.figure import Figure
     except ImportError:
         print(f"plot skipped: {path} needs matplotlib (pip install matplotlib); the table above "
-              f"has the numbers")
+              "has the numbers")
         return False
     metrics = [m for m in SWEEP_METRICS if any(m in pt for pt in points)]
     resolutions = sorted({(pt["num_frames"], pt["image_size"]) for pt in points})
@@ -126,7 +126,7 @@ def plot_sweep(path, points, fits):
     fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
         for k, (T, size) in enumerate(resolutions):
-            res, colour = resolution(T, size) + "p", f"C{k % 10}"
+            res, colour = resolution(T, size), f"C{k % 10}"
             group = [pt for pt in points
                      if (pt["num_frames"], pt["image_size"]) == (T, size) and metric in pt]
             for p, marker in markers.items():
@@ -134,14 +134,14 @@ def plot_sweep(path, points, fits):
                 if mine:
                     ax.scatter([pt["E"] for pt in mine], [pt[metric] for pt in mine],
                                marker=marker, color=colour, zorder=3,
-                               label=f"p={p}" + (f", {res}" if several else ""))
-            fit = fits.get(metric + ("@" + resolution(T, size) if several else ""))
+                               label=f"p={p}" + (f", {res}p" if several else ""))
+            fit = fits.get(metric + (f"@{res}" if several else ""))
             if fit:
                 E = np.geomspace(min(pt["E"] for pt in group), max(pt["E"] for pt in group), 50)
                 r2 = f"{fit['r2']:.2f}" if fit["r2"] is not None else "-"
                 line = fit["intercept"] + fit["slope"] * np.log2(E)
                 ax.plot(E, np.exp(line) if fit["log_y"] else line, color=colour,
-                        alpha=0.6, label=f"fit{' ' + res if several else ''}: R$^2$ {r2}")
+                        alpha=0.6, label=f"fit{f' {res}p' if several else ''}: R$^2$ {r2}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log" if metric in LOG_Y else "linear")
         ax.set_xlabel("E = L x c (floats in the latent)")

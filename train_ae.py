@@ -1,4 +1,4 @@
-"""Train the ViTok tokenizer (§3.2, App. A): stage 1 (MSE + KL + LPIPS), then stage 2 (+ GAN,
+r"""Train the ViTok tokenizer (§3.2, App. A): stage 1 (MSE + KL + LPIPS), then stage 2 (+ GAN,
 decoder only).
 
     python train_ae.py --preset tiny                      # CPU demo, a few minutes, writes ae.pt
@@ -44,14 +44,11 @@ HELP = {
     "stage": "1: MSE + KL + LPIPS; 2: + GAN, encoder frozen",
     "model": "tokenizer <encoder>-<decoder>/<patch> or /<tubelet>x<patch>: S-B/16, S-B/4x8, tiny",
     "channels": "latent channels c",
-    "data": "dataset folder, 'synthetic' or 'deadleaves'",
     "image_size": "training resolution",
     "num_frames": "frames per clip; 1 = images",
     "frame_stride": "video: keep every n-th frame",
-    "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",
     "global_batch_size": ("images or clips per step over all ranks (None: 1024/256 in stage 1, "
                           "256/128 in stage 2)", INT),
-    "steps": "optimizer steps",
     "ckpt": "checkpoint written at intervals, resumed from when it exists (None: ae.pt, stage 2 "
             "ae_stage2.pt)",
     "init": "stage 2: the stage-1 checkpoint to start from",
@@ -64,19 +61,11 @@ HELP = {
     "disc_lr": "discriminator learning rate for a global batch of 256",
     "disc_channels": ("discriminator width at full resolution (None: by resolution, 64 at 256^2)",
                       INT),
-    "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clipping of the tokenizer",
-    "ema": "EMA decay",
     "stage1_ema": "keep an EMA in stage 1 too (the paper keeps one in stage 2 only)",
-    "precision": ("bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
-                  dict(choices=["bf16", "fp32"])),
     "compile": "torch.compile the tokenizer and the discriminator",
     "grad_ckpt": "activation checkpointing in the transformer blocks",
-    "workers": "data-loader workers per rank",
-    "seed": "seed of weights, data order and noise",
-    "log_every": "steps per log line",
-    "ckpt_every": "steps per checkpoint",
-    "sample_every": "steps per grid",
+    **runtime.RUN_HELP,
 }
 # CPU demo (its time and PSNR are in the README): a tiny model with 16x16 patches on 64x64
 # dead-leaves images, 16 tokens of 16 channels. No LPIPS (it needs the VGG16 weights); a narrow

@@ -1,4 +1,4 @@
-"""Train a class-conditional DiT on the latent tokens of a frozen ViTok (§3.3, §4.3).
+r"""Train a class-conditional DiT on the latent tokens of a frozen ViTok (§3.3, §4.3).
 
     python train_dit.py --preset tiny          # CPU demo on the tiny tokenizer's ae.pt: dit.pt
     torchrun --nproc_per_node=8 train_dit.py --model DiT-L --ae-ckpt ae.pt \
@@ -42,32 +42,21 @@ DEFAULTS = dict(
 HELP = {
     "model": "DiT-B, DiT-L, DiT-XL or DiT-tiny",
     "ae_ckpt": "a train_ae.py tokenizer checkpoint or its export folder (EMA weights, frozen)",
-    "data": "dataset folder, 'synthetic' or 'deadleaves'",
     "frame_stride": ("video: keep every n-th frame (None: the tokenizer's)", dict(type=int)),
-    "split_file": "video: a list of the videos to use (UCF-101's trainlist01.txt)",
     "global_batch_size": "latents per step over all ranks",
-    "steps": "optimizer steps",
     "ckpt": "checkpoint written at intervals, resumed from when it exists",
     "out_dir": "metrics.jsonl and sample grids (None: <ckpt>-logs)",
     "lr": "peak learning rate for a global batch of 256",
     "warmup": "fraction of the steps of linear warm-up",
     "final_lr": "learning rate at the end of the cosine (--preset dit: constant)",
-    "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clipping; 0 is off",
-    "ema": "EMA decay",
     "class_dropout": "probability that a label becomes the null class (for guidance)",
     "latent_scale": "the DiT trains on z * scale (1: unscaled, as the paper)",
     "latent_cache": "folder of cached posterior moments, written on first use",
     "cache_windows": "video: temporal windows per clip in the latent cache, evenly spaced",
-    "precision": ("bf16 autocast on GPU, or fp32 (the CPU always runs fp32)",
-                  dict(choices=["bf16", "fp32"])),
     "compile": "torch.compile the DiT",
     "grad_ckpt": "activation checkpointing in the DiT blocks",
-    "workers": "data-loader workers per rank",
-    "seed": "seed of weights, data order and noise",
-    "log_every": "steps per log line",
-    "ckpt_every": "steps per checkpoint",
-    "sample_every": "steps per grid",
+    **runtime.RUN_HELP,
     "cfg_scale": "classifier-free guidance of the sample grids",
     "sample_steps": "DDIM steps of the sample grids",
 }
