@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import inception as tv_inception
 
+import runtime
 from vitok import frames_to_batch
 
 FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -62,7 +63,7 @@ def find_weights(path, file, url):
     if not os.path.exists(cached):
         try:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
-            torch.hub.download_url_to_file(url, cached, progress=False)
+            runtime.download(url, cached)
         except Exception as err:  # offline: say what goes where, and go on
             if os.path.exists(cached):
                 os.remove(cached)

@@ -40,8 +40,7 @@ class LPIPS(nn.Module):
             if not os.path.exists(os.path.join(folder, VGG_FILE)):
                 try:
                     os.makedirs(folder, exist_ok=True)
-                    torch.hub.download_url_to_file(VGG_URL, os.path.join(folder, VGG_FILE),
-                                                   progress=False)
+                    runtime.download(VGG_URL, os.path.join(folder, VGG_FILE))
                 except Exception as err:
                     raise runtime.UserError(
                         f"LPIPS needs torchvision's VGG16 weights {VGG_FILE}: put the file in "

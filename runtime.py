@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+import socket
 import sys
 import time
 
@@ -41,21 +42,24 @@ def run_main(main, args, script):
 # ---- Ranks, precision and per-step randomness ----
 def setup_distributed():
     """One code path for 1..N ranks: under torchrun (RANK/WORLD_SIZE set) join the group, NCCL on
-    GPU and gloo on CPU; alone, rank 0 of 1. TF32 matmuls on GPU (App. A trains with them).
+    GPU and gloo on CPU (or $VITOK_BACKEND: tools/gpu_check.py runs 2 ranks on one GPU over
+    gloo); alone, rank 0 of 1. TF32 matmuls on GPU (App. A trains with them).
     Returns (rank, world_size, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: LPIPS's and D's convolutions
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         # An hour before a collective times out: rank 0 alone joins sample shards and computes
         # FIDs at the end of an evaluation.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=1),
-                                device_id=device if device.type == "cuda" else None)
+        backend = os.environ.get("VITOK_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=1),
+                                device_id=device if backend == "nccl" else None)
     return rank, world, device
 
 
@@ -65,18 +69,31 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+CPU_BF16 = False  # set by tools/gpu_check.py --tiny only: its bf16 tolerances tested on a CPU
+
+
 def autocast(device, precision):
     """The one precision context: bf16 autocast on GPU around forward passes; fp32 (a null
     context) on CPU or with --precision fp32. The paper found bf16 and fp32 tokenizers equally
     good (App. A)."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" and (device.type == "cuda" or CPU_BF16):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def precision_used(device, precision):
-    """What autocast(device, precision) computes in: the CPU always runs fp32."""
-    return precision if device.type == "cuda" else "fp32"
+    """What autocast(device, precision) computes in: the CPU runs fp32."""
+    return precision if device.type == "cuda" or CPU_BF16 else "fp32"
+
+
+def download(url, path):
+    """torch.hub's download with a 30 s socket timeout: an offline node fails at once."""
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        torch.hub.download_url_to_file(url, path, progress=False)
+    finally:
+        socket.setdefaulttimeout(timeout)
 
 
 def step_generator(seed, step, device):
