@@ -530,7 +530,7 @@ def parse_args(argv=None):
     add("--save-ref", help="with --data, no --ckpt: write reference statistics to this .npz")
     add("--sweep", nargs="+", metavar="CKPT", help="tokenizers of an E sweep (Fig. 3): a table of "
         "p, c, L, E = L*c and the metrics, fits on log2 E (R^2), spreads at equal E")
-    add("--plot", metavar="PNG", help="--sweep: Fig. 3's plot (needs matplotlib)")
+    add("--plot", metavar="PNG", help="--sweep: Figs. 3, 6-7's plot (needs matplotlib)")
     return p.parse_args(argv)
 
 
