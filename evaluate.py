@@ -515,9 +515,9 @@ def parse_args(argv=None):
     add("--num-ref", type=int, help="DiT/--save-ref: at most this many reference samples")
     add("--samples", help="DiT: the samples .npz (default <ckpt>_samples.npz)")
     add("--save-ref", help="with --data, no --ckpt: write reference statistics to this .npz")
-    add("--sweep", nargs="+", metavar="CKPT",
-        help="tokenizers of an E sweep (Fig. 3): a table, fits on log2 E (R^2), spreads at equal E")
-    add("--plot", metavar="PNG", help="--sweep: Fig. 3's plot (needs matplotlib)")
+    add("--sweep", nargs="+", metavar="CKPT", help="tokenizers of an E sweep (Fig. 3): a table, "
+        "fits on log2 E (R^2), spreads at equal E, encoder/decoder effects (Findings 3-4)")
+    add("--plot", metavar="PNG", help="--sweep: Figs. 3, 6-7's plot (needs matplotlib)")
     return p.parse_args(argv)
 
 

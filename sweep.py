@@ -1,7 +1,8 @@
-"""The scaling study (§4.1, Figs. 3-4), apart from evaluate.py's metrics: tokenizers of different
-patch size p and channels c, evaluated by `evaluate.py --sweep` (this module never reads a
-checkpoint), tabulated, fitted against log E and plotted.
+"""The scaling study (§4.1, Figs. 3-4, 6-7), apart from evaluate.py's metrics: tokenizers of
+different patch size p, channels c and encoder/decoder sizes, evaluated by `evaluate.py --sweep`
+(this module never reads a checkpoint), tabulated, fitted against log E and plotted.
 """
+import itertools
 import json
 import os
 
@@ -43,40 +44,52 @@ def resolution(T, size):
     return f"{size}" if T == 1 else f"{T}x{size}"
 
 
+def group(pt):
+    """(frames, "S-B", size): a point's encoder-decoder sizes and resolution."""
+    name = vitok.ALIASES.get(pt["model"], pt["model"])
+    return pt["num_frames"], name.split("/")[0], pt["image_size"]
+
+
+def suffix(key, keys):
+    """"@512" if the points have several resolutions, "@S-L" if several sizes (or both)."""
+    res, pair = len({k[::2] for k in keys}) > 1, len({k[1] for k in keys}) > 1
+    return f"@{resolution(*key[::2])}" * res + f"@{key[1]}" * pair
+
+
 def sweep_fits(points):
     """Each metric's (LOG_Y: its natural log's) fit on log2 E over the points having it; keyed
-    "psnr@512" per resolution if there are several (Fig. 4: 256p and 512p), else "psnr"."""
+    "psnr@512" per resolution (Fig. 4: 256p and 512p), "psnr@S-L" per sizes (Figs. 6-7) where
+    there are several, else "psnr"."""
     groups = {}
     for pt in points:
-        groups.setdefault((pt["num_frames"], pt["image_size"]), []).append(pt)
+        groups.setdefault(group(pt), []).append(pt)
     fits = {}
-    for (T, size), group in sorted(groups.items()):
-        suffix = "" if len(groups) == 1 else "@" + resolution(T, size)
+    for key, pts in sorted(groups.items()):
         for metric in SWEEP_METRICS:
             log = metric in LOG_Y
-            have = [pt for pt in group
+            have = [pt for pt in pts
                     if pt.get(metric) is not None and (pt[metric] > 0 or not log)]
             if len({pt["E"] for pt in have}) < 2:
                 continue  # a line needs two distinct E
             y = np.array([pt[metric] for pt in have])
             y = np.log(y) if log else y
-            fits[metric + suffix] = dict(fit_log_e([pt["E"] for pt in have], y), log_y=log)
+            fit = fit_log_e([pt["E"] for pt in have], y)
+            fits[metric + suffix(key, groups)] = dict(fit, log_y=log)
     return fits
 
 
 def sweep_spreads(points):
-    """Fig. 3's other half: equal E split differently (p, c; they fix q given E and the frames)
-    should score alike. Per resolution and E with several splits: the splits, each metric's spread
-    (max - min) over them, a split's checkpoints (seeds) averaged."""
-    groups = {}  # (frames, size, E) -> (p, c) -> points
+    """Fig. 3's other half: equal E split differently (p, c, which fix q given E and the frames)
+    should score alike. Per resolution and E reached by several splits: the splits and each
+    metric's spread (max - min) over them, a split's checkpoints (seeds) averaged."""
+    groups = {}  # (frames, sizes, size, E) -> (p, c) -> points
     for pt in points:
-        key = (pt["num_frames"], pt["image_size"], pt["E"])
-        groups.setdefault(key, {}).setdefault((pt["p"], pt["c"]), []).append(pt)
+        groups.setdefault((*group(pt), pt["E"]), {}).setdefault((pt["p"], pt["c"]), []).append(pt)
     spreads = []
-    for (T, size, E), splits in sorted(groups.items()):
+    for (T, pair, size, E), splits in sorted(groups.items()):
         if len(splits) < 2:
             continue
-        row = dict(num_frames=T, image_size=size, E=E, splits=[list(split) for split in splits])
+        row = dict(num_frames=T, image_size=size, sizes=pair, E=E, splits=[*map(list, splits)])
         for metric in SWEEP_METRICS:  # not baseline_psnr: the bilinear codec depends on E alone
             values = [[pt[metric] for pt in pts if pt.get(metric) is not None]
                       for pts in splits.values()]
@@ -87,7 +100,31 @@ def sweep_spreads(points):
     return spreads
 
 
-def print_sweep(points, fits, spreads):
+def sweep_sizes(points):
+    """Findings 3-4 (Figs. 6-7): at one bottleneck (resolution, p, c), each metric's change when
+    only the encoder or the decoder is larger (means over seeds; psnr_seeds: max - min over
+    either's checkpoints, where one has several)."""
+    groups, rank, rows = {}, list(vitok.VIT_SIZES).index, []
+    for pt in points:
+        T, pair, size = group(pt)
+        groups.setdefault((T, size, pt["p"], pt["c"], *pair.split("-")), []).append(pt)
+    for a, b in itertools.permutations(groups, 2):
+        up = [rank(y) - rank(x) for x, y in zip(a[4:], b[4:])]
+        if a[:4] != b[:4] or 0 not in up or sum(up) < 1:
+            continue  # b is not a with one size larger
+        row = dict(zip(("num_frames", "image_size", "p", "c"), a), E=groups[a][0]["E"],
+                   encoder=f"{a[4]} -> {b[4]}", decoder=f"{a[5]} -> {b[5]}")
+        for m in SWEEP_METRICS:
+            v = [[pt[m] for pt in groups[k] if m in pt] for k in (a, b)]
+            if all(v):
+                row[m] = float(np.mean(v[1]) - np.mean(v[0]))
+                if max(map(len, v)) > 1:
+                    row[m + "_seeds"] = max(max(x) - min(x) for x in v)
+        rows.append(row)
+    return rows
+
+
+def print_sweep(points, fits, spreads, effects):
     metrics = [m for m in (*SWEEP_METRICS, "baseline_psnr") if any(m in pt for pt in points)]
     print(f"\n{'checkpoint':<28}{'model':>10}{'p':>4}{'q':>3}{'c':>5}{'L':>7}{'E':>8}{'size':>6}"
           + "".join(f"{m:>14}" for m in metrics))
@@ -108,11 +145,15 @@ def print_sweep(points, fits, spreads):
         values = " ".join(f"{m} {row[m]:.4f}" for m in SWEEP_METRICS if m in row)
         print(f"equal E = {row['E']} at {resolution(row['num_frames'], row['image_size'])}: "
               f"spread (max - min) {values} over {splits}")
+    for row in effects:
+        print("one size larger (Findings 3-4): " + ", ".join(
+            f"{k} {v if isinstance(v, str) else np.round(v, 4)}" for k, v in row.items()))
 
 
 def plot_sweep(path, points, fits):
-    """Fig. 3: a panel per metric against E (log axis), a marker per patch size, a colour per
-    resolution, the fitted line. Without matplotlib (optional): a message and False."""
+    """Figs. 3, 6-7: a panel per metric against E (log axis), a marker per patch size, a colour
+    and fitted line per resolution and sizes. Without matplotlib (optional): a message and
+    False."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -120,28 +161,25 @@ def plot_sweep(path, points, fits):
               "has the numbers")
         return False
     metrics = [m for m in SWEEP_METRICS if any(m in pt for pt in points)]
-    resolutions = sorted({(pt["num_frames"], pt["image_size"]) for pt in points})
-    several = len(resolutions) > 1
+    groups = sorted({group(pt) for pt in points})
     markers = dict(zip(sorted({pt["p"] for pt in points}), "osD^vP*Xh<>"))
     fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
-        for k, (T, size) in enumerate(resolutions):
-            res, colour = resolution(T, size), f"C{k % 10}"
-            group = [pt for pt in points
-                     if (pt["num_frames"], pt["image_size"]) == (T, size) and metric in pt]
+        for k, key in enumerate(groups):
+            name, colour = suffix(key, groups).replace("@", " "), f"C{k % 10}"
+            pts = [pt for pt in points if group(pt) == key and metric in pt]
             for p, marker in markers.items():
-                mine = [pt for pt in group if pt["p"] == p]
+                mine = [pt for pt in pts if pt["p"] == p]
                 if mine:
                     ax.scatter([pt["E"] for pt in mine], [pt[metric] for pt in mine],
-                               marker=marker, color=colour, zorder=3,
-                               label=f"p={p}" + (f", {res}p" if several else ""))
-            fit = fits.get(metric + (f"@{res}" if several else ""))
+                               marker=marker, color=colour, zorder=3, label=f"p={p}{name}")
+            fit = fits.get(metric + suffix(key, groups))
             if fit:
-                E = np.geomspace(min(pt["E"] for pt in group), max(pt["E"] for pt in group), 50)
+                E = np.geomspace(min(pt["E"] for pt in pts), max(pt["E"] for pt in pts), 50)
                 r2 = f"{fit['r2']:.2f}" if fit["r2"] is not None else "-"
                 line = fit["intercept"] + fit["slope"] * np.log2(E)
                 ax.plot(E, np.exp(line) if fit["log_y"] else line, color=colour,
-                        alpha=0.6, label=f"fit{f' {res}p' if several else ''}: R$^2$ {r2}")
+                        alpha=0.6, label=f"fit{name}: R$^2$ {r2}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log" if metric in LOG_Y else "linear")
         ax.set_xlabel("E = L x c (floats in the latent)")
@@ -153,16 +191,19 @@ def plot_sweep(path, points, fits):
 
 
 def report(points, plot=None, json_path=None):
-    """Rank 0, all points evaluated: the table, fits and spreads; the plot; the JSON."""
+    """Rank 0, all points evaluated: the table, fits, spreads and size effects; the plot; the
+    JSON."""
     if len({pt["data"] for pt in points}) > 1:
         print("note: the points were evaluated on different data (no --data: each on its "
               "training source)")
     fits, spreads = sweep_fits(points), sweep_spreads(points)
-    print_sweep(points, fits, spreads)
+    effects = sweep_sizes(points)
+    print_sweep(points, fits, spreads, effects)
     if plot and plot_sweep(plot, points, fits):
         print(f"plot: {plot}")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"points": points, "fits": fits, "spreads": spreads}, f, indent=2)
+            json.dump(dict(points=points, fits=fits, spreads=spreads, sizes=effects), f,
+                      indent=2)
         print(f"json: {json_path}")
     return fits

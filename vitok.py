@@ -17,9 +17,10 @@ import runtime
 
 # Transformer sizes (paper Table 1). S is not ViT-S: the paper widens it to 768 and halves the
 # depth; L is 1152 wide so that its 72-dim heads split evenly over the three RoPE axes. T (tiny,
-# for CPU demos/tests) is ours.
+# for CPU demos/tests) and M (Findings 3-4 in miniature) are ours.
 VIT_SIZES = {
     "T": dict(width=128, depth=4, heads=2),
+    "M": dict(width=192, depth=6, heads=3),
     "S": dict(width=768, depth=6, heads=12),
     "B": dict(width=768, depth=12, heads=12),
     "L": dict(width=1152, depth=24, heads=16),
@@ -278,7 +279,7 @@ def frames_to_batch(x):
 def from_name(name, channels=16, **overrides):
     """A tokenizer from its paper name: "S-B/16", "S-L/16", "S-B/4x8", ... or "tiny" ("T-T/16");
     overrides go to ViTok (e.g. grad_ckpt=True)."""
-    match = re.fullmatch(r"([TSBL])-([TSBL])/(?:(\d+)x)?(\d+)", ALIASES.get(name, name))
+    match = re.fullmatch(r"([TMSBL])-([TMSBL])/(?:(\d+)x)?(\d+)", ALIASES.get(name, name))
     if match is None:
         raise runtime.UserError(f"unknown tokenizer name {name!r}: expected <Enc>-<Dec>/<p> or "
                                 f"<Enc>-<Dec>/<q>x<p> with sizes from {sorted(VIT_SIZES)} "

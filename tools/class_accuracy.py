@@ -1,7 +1,8 @@
 """Are a DiT's samples of the class they were asked for? (A measurement, not collected by pytest.)
 
 Trains a small CNN on the synthetic images, checks it on held-out synthetic images, then classifies class-conditional
-samples of a train_dit.py checkpoint on synthetic data and prints their accuracy against chance (10%).
+samples of a train_dit.py checkpoint on synthetic data and prints their accuracy against chance (10%). The same
+classifier scores the generation study (tools/gen_proxy.py).
 
     python train_ae.py --preset tiny && python train_dit.py --preset tiny
     python tools/class_accuracy.py --ckpt dit.pt
@@ -35,6 +36,26 @@ def accuracy(net, x, y):
         return (net(x).argmax(1) == y).float().mean().item()
 
 
+def train_classifier(size, steps, seed=0, workers=2):
+    """classifier() after `steps` AdamW steps on batches of 64 synthetic training images at size x size, and its
+    accuracy on the first 500 held-out (eval) synthetic images."""
+    torch.manual_seed(seed)
+    train = data.build_dataset("synthetic", size, train=True)
+    net = classifier()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    loader = data.infinite_loader(train, 64, seed=seed, num_workers=workers)
+    for _ in range(steps):
+        x, y = next(loader)
+        net.train()
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    held_out = data.build_dataset("synthetic", size)
+    xs, ys = zip(*[held_out[i] for i in range(500)])
+    return net.eval(), accuracy(net, torch.stack(xs), torch.tensor(ys))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", default="dit.pt")
@@ -51,20 +72,7 @@ def main():
     size = config["image_size"]
 
     start = time.time()
-    train = data.build_dataset("synthetic", size, train=True)
-    net = classifier()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    loader = data.infinite_loader(train, 64, num_workers=2)
-    for _ in range(args.train_steps):
-        x, y = next(loader)
-        net.train()
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    held_out = data.build_dataset("synthetic", size)
-    xs, ys = zip(*[held_out[i] for i in range(500)])
-    real_acc = accuracy(net, torch.stack(xs), torch.tensor(ys))
+    net, real_acc = train_classifier(size, args.train_steps)
     print(f"classifier: {real_acc:.1%} on 500 held-out synthetic images ({time.time() - start:.0f}s)")
 
     ae = vitok.from_checkpoint(config["ae_ckpt"])
