@@ -293,8 +293,8 @@ class DeadLeaves(Procedural):
     num_classes = 0
 
     def render(self, index, gen):
-        # Drawn at twice the size and averaged (anti-aliased edges); leaves and gratings from
-        # 4 px: photo tiles' statistics (README, Results), not rmin = 1's one-pixel confetti.
+        # Drawn at twice the size and averaged (anti-aliased); leaves and gratings from 4 px:
+        # photo tiles' statistics (README, Results).
         x = dead_leaves(2 * self.size, self.num_frames, gen, rmin=8.0, wmin=8.0, contrast=0.5)
         return torch.nn.functional.avg_pool2d(x, 2), -1
 

@@ -1,9 +1,6 @@
-"""What the three scripts share at run time: ranks, precision, per-step randomness, flags,
-checkpoints, EMA and the interval log, and the one-line report of a user's mistake.
-
-A file of its own so that no script imports another (the pattern of nanoGPT's configurator.py):
-train_ae.py, train_dit.py and evaluate.py import it; so do the model files, for the one
-checkpoint reader. It knows no field of any one trainer: those come in its callers' configs.
+"""What the three scripts share at run time, so that none imports another: ranks, precision,
+per-step randomness, flags, checkpoints (the one reader, which the model files use too), EMA, the
+interval log, and a user's mistake as one line. No field of one trainer is named here.
 """
 import argparse
 import contextlib
@@ -23,8 +20,8 @@ from torchvision.utils import save_image
 
 
 class UserError(ValueError):
-    """A mistake in what the user passed (a path, a name, a flag, a file). main() shows it as one
-    line on rank 0 and exits with status 2; any other exception is a bug and keeps its traceback."""
+    """A mistake in what the user passed (a path, a name, a flag, a file): run_main shows it as one
+    line and exits 2; any other exception is a bug and keeps its traceback."""
 
 
 def run_main(main, args, script):
@@ -82,12 +79,12 @@ def autocast(device, precision):
 
 
 def precision_used(device, precision):
-    """What autocast(device, precision) computes in: the CPU runs fp32."""
+    """What autocast runs in."""
     return precision if device.type == "cuda" or CPU_BF16 else "fp32"
 
 
 def download(url, path):
-    """torch.hub's download with a 30 s socket timeout: an offline node fails at once."""
+    """torch.hub's download, with a 30 s timeout for offline nodes."""
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
     try:
@@ -260,13 +257,12 @@ def save_grid(path, x, x_hat, max_items=8):
 
 # ---- A training run around its recipe ----
 class TrainingRun:
-    """What a training run does around its recipe. It joins the ranks (one code path for 1..N
-    processes), finds the checkpoint to resume from, logs one line per interval (the loop's only
-    host sync), stops at the first non-finite loss, and writes checkpoints atomically with every
-    rank's RNG state, so that a resumed run is the same run."""
+    """Around a recipe: joins the ranks (one code path for 1..N), finds the checkpoint to resume,
+    logs a line per interval (the loop's only host sync), stops at the first non-finite loss,
+    writes checkpoints atomically with every rank's RNG: a resumed run is the same run."""
 
     def __init__(self, config):
-        self.config, self.script = config, f"train_{config['kind']}.py"
+        self.config = config
         self.rank, self.world, self.device = setup_distributed()
         gb = config["global_batch_size"]
         if gb % self.world:
@@ -275,13 +271,13 @@ class TrainingRun:
         ckpt = config["ckpt"]
         self.state = read_checkpoint(ckpt, config["kind"]) if os.path.exists(ckpt) else None
         steps = [self.state["step"] if self.state else -1] * self.world
-        if self.world > 1:  # nodes that saw two checkpoints would train two runs
+        if self.world > 1:  # nodes that saw two checkpoints would run two runs
             dist.all_gather_object(steps, steps[0])
         if min(steps) < max(steps):
             raise UserError(f"rank {steps.index(min(steps))} cannot see --ckpt {ckpt}: put it "
                             "on storage every node shares")
         self.start = self.state["step"] if self.state else 0
-        self.last_ckpt = ckpt if self.state else None  # named when a loss goes non-finite
+        self.last_ckpt = ckpt if self.state else None  # named if a loss goes non-finite
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # on device
         self.history, self.t0 = [], time.time()
         if self.rank == 0:
@@ -327,7 +323,7 @@ class TrainingRun:
         return DDP(module, device_ids=device_ids, broadcast_buffers=False)  # no buffer changes
 
     def every(self, step, interval):
-        """Whether 0-based `step` ends an interval of config[interval] steps (or the run)."""
+        """Whether 0-based `step` ends an interval of config[interval] steps, or the run."""
         done = step + 1
         return done % self.config[interval] == 0 or done == self.config["steps"]
 

@@ -101,9 +101,9 @@ def sweep_spreads(points):
 
 
 def sweep_sizes(points):
-    """Findings 3-4 (Figs. 6-7): at one bottleneck (resolution, p, c), each metric's change when
-    only the encoder or the decoder is larger (means over seeds; psnr_seeds: max - min over
-    either's checkpoints, where one has several)."""
+    """Findings 3-4 (Figs. 6-7): at one (resolution, p, c), each metric's change when only the
+    encoder or the decoder is larger (VIT_SIZES order); seeds averaged, <metric>_seeds their
+    largest spread."""
     groups, rank, rows = {}, list(vitok.VIT_SIZES).index, []
     for pt in points:
         T, pair, size = group(pt)

@@ -102,11 +102,10 @@ def resolve(args):
 
 
 def build(config, device, lpips=None, init=None):
-    """The raw modules and optimizers of a tokenizer run (§3.2): the ViTok (from `init` weights
-    when given), AdamW with the lr scaled linearly with the global batch (App. A), the EMA (in
-    stage 2; in stage 1 with --stage1-ema); in stage 2 the discriminator and its AdamW, with the
-    encoder and its projection to 2c frozen. `stateful` is what a checkpoint holds, by key; the
-    *_fwd handles are what the step calls (main compiles and wraps them)."""
+    """A tokenizer run's raw modules (§3.2): the ViTok (from `init` weights), AdamW (lr scaled
+    with the global batch, App. A), the EMA (stage 2, or --stage1-ema); in stage 2 the
+    discriminator and its AdamW, the encoder and its projection to 2c frozen. `stateful`: what a
+    checkpoint holds; *_fwd: what the step calls (main compiles and wraps them)."""
     gb, stage = config["global_batch_size"], config["stage"]
     model = vitok.from_name(config["model"], channels=config["channels"],
                             grad_ckpt=config["grad_ckpt"]).to(device)
@@ -204,8 +203,7 @@ def main(args):
         parts.disc_fwd = run.compile(parts.disc)
         parts.disc_ddp = run.ddp(parts.disc_fwd)
 
-    # Each rank loads its interleaved share of the global batch; a resumed run starts at the
-    # batch it stopped at.
+    # Each rank loads its share of the global batch; a resumed run starts where it stopped.
     dataset = data.build_dataset(config["data"], config["image_size"], config["num_frames"],
                                  train=True, frame_stride=config["frame_stride"],
                                  split_file=config["split_file"])

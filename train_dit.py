@@ -4,11 +4,10 @@ r"""Train a class-conditional DiT on the latent tokens of a frozen ViTok (§3.3,
     torchrun --nproc_per_node=8 train_dit.py --model DiT-L --ae-ckpt ae.pt \
         --data /datasets/imagenet/train
 
-DiT's recipe (Peebles & Xie 2023): centre crops with random horizontal flips, class dropout 0.1,
-EMA 0.9999; the optimiser is the authors' (below), DiT's with --preset dit. The tokenizer's EMA
-weights encode each batch on the fly and the DiT trains on a posterior sample, as the paper; or a
-latent cache (--latent-cache DIR), written once by this script, holds the posterior moments of
-every image and of its mirror, so that both paths see the same distribution.
+DiT's recipe (Peebles & Xie 2023): centre crops, random flips, class dropout 0.1, EMA 0.9999; the
+authors' optimiser (below). The frozen tokenizer's EMA encodes each batch on the fly, and the DiT
+trains on a posterior sample (the paper), or on moments from a latent cache (--latent-cache DIR)
+of every image and its mirror: the same distribution.
 """
 import copy
 import json
@@ -30,9 +29,8 @@ from runtime import UserError, autocast, step_generator
 DEFAULTS = dict(
     model="DiT-L", ae_ckpt=None, data=None, frame_stride=None, split_file=None,
     global_batch_size=256, steps=500_000, ckpt="dit.pt", out_dir=None,
-    # The authors' DiT optimiser (their i1k_generation config): AdamW, lr 1e-4 at a global batch
-    # of 256 (scaled), warm-up over 10% of the steps, cosine to 3e-5; their clip_grad is never
-    # applied, so none here (the norm is still logged). --preset dit: DiT's constant 1e-4.
+    # The authors' (i1k_generation config): lr 1e-4 per 256 (scaled), 10% warm-up, cosine to
+    # 3e-5; their clip_grad is never applied: none (the norm is logged). DiT's: --preset dit.
     lr=1e-4, warmup=0.1, final_lr=3e-5, betas=(0.9, 0.95), weight_decay=1e-4, grad_clip=0.0,
     ema=0.9999, ema_warmup=10, class_dropout=0.1, latent_scale=1.0, latent_cache=None,
     cache_windows=8,  # video: 8 overlapping windows span a 7 s UCF-101 clip (46 frames each)
@@ -61,10 +59,9 @@ HELP = {
     "sample_steps": "DDIM steps of the sample grids",
 }
 PRESETS = {
-    # CPU demo: chains with `python train_ae.py --preset tiny` (its ae.pt).
     # DiT's recipe (Peebles & Xie 2023): AdamW's default betas, no weight decay, constant lr.
     "dit": dict(betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0, final_lr=None),
-    # CPU demo: DiT's recipe at a constant 1e-3 (8e-3 for a batch of 256, scaled to 32).
+    # CPU demo on train_ae.py --preset tiny's ae.pt: DiT's recipe at 1e-3 (8e-3 per 256).
     "tiny": dict(model="DiT-tiny", ae_ckpt="ae.pt", data="synthetic", global_batch_size=32,
                  steps=1500, lr=8e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0,
                  final_lr=None, ema=0.999, precision="fp32", workers=2, log_every=50,
@@ -108,10 +105,9 @@ def main(args):
 
     # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache.
     ae = ae.to(device)
-    # Centre crops (train=False) as DiT; the step flips half of them, in pixels or by picking
-    # the mirror's moments. Clips start at random frames, as the authors' DiT and the UCF-101
-    # generation literature train (drawn from each sample's key: rank-invariant, resumable); the
-    # cache holds cache_windows evenly spaced windows of each clip, one picked per step.
+    # Centre crops (train=False) as DiT, flipped by the step. Clips start at random frames, as
+    # the authors' and UCF-101 generators train (from each sample's key: rank-invariant,
+    # resumable); the cache holds cache_windows evenly spaced windows, one picked per step.
     images = data.build_dataset(config["data"], config["image_size"], config["num_frames"],
                                 train=False, frame_stride=config["frame_stride"],
                                 split_file=config["split_file"])
@@ -132,8 +128,7 @@ def main(args):
     run.resume(parts.stateful, same=("kind", "model", "channels", "grid", "num_classes"))
     parts.model_fwd = run.ddp(run.compile(parts.model))
 
-    # Each rank loads its interleaved share of the global batch; a resumed run starts at the
-    # batch it stopped at.
+    # Each rank loads its share of the global batch; a resumed run starts where it stopped.
     loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, config["seed"],
                                   start_step=run.start, num_workers=config["workers"])
     millions = sum(p.numel() for p in parts.model.parameters()) / 1e6
@@ -143,7 +138,7 @@ def main(args):
                f"{config['steps']}")
 
     for step in range(run.start, config["steps"]):
-        x, y = next(loader)  # pixels [B,3,(T,)H,W] or cached moments [B,2,L,2c]; labels or -1
+        x, y = next(loader)  # pixels [B,3,(T,)H,W] or moments [B,K,2,L,2c]; labels or -1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         terms = train_step(parts, step, x, y, config, run.rank, run.world)
         run.after_step(step, terms, parts.stateful, lr=parts.opt.param_groups[0]["lr"])
@@ -217,10 +212,9 @@ CACHE_KEYS = ("ae_ckpt", "data", "image_size", "num_frames", "frame_stride", "sp
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """The posterior moments (mean, logvar) of every image and of its mirror image in K temporal
-    windows (K = 1 for images), [N,K,2,L,2c] in fp16, and the labels, as .npy files under DIR
-    (memory-mapped). The training step picks a window, and the mirror with the same per-step flip
-    that the on-the-fly path applies to the pixels. CACHE_KEYS say what a cache is of."""
+    """Posterior moments (mean, logvar) of every image and its mirror in K temporal windows (1 for
+    images), [N,K,2,L,2c] fp16, and labels: memory-mapped .npy files in DIR, of what CACHE_KEYS
+    say. A step picks a window, and the mirror by the flip the pixels would get."""
 
     def __init__(self, root, config):
         meta = json.load(open(os.path.join(root, "meta.json")))
