@@ -758,7 +758,7 @@ def check_torchrun(table, tmp):
             raise TimeoutError(f"torchrun launch {n} ran past {TORCHRUN_TIMEOUT} s (log {log})")
         group_ok.append(text.count("all_reduce ok") == 2)
         if kill_ckpt:  # the checkpoint the kill left, before the next launch resumes from it and overwrites it
-            killed[kill_ckpt] = (rc, torch.load(p(kill_ckpt), map_location="cpu", weights_only=True)
+            killed[kill_ckpt] = (rc, runtime.read_checkpoint(p(kill_ckpt))
                                  if os.path.exists(p(kill_ckpt)) else None)
         elif rc:
             raise RuntimeError(f"torchrun launch {n} exited {rc}: {text.strip().splitlines()[-1:]} (log {log})")
@@ -770,7 +770,7 @@ def check_torchrun(table, tmp):
                                                    ("d.pt", "dr.pt", "kd.pt")]):
         rc, at_kill = killed[resumed]
         step = at_kill["step"] if at_kill else None
-        w, r, w2 = (torch.load(p(name), map_location="cpu", weights_only=True) for name in (full, resumed, repeat))
+        w, r, w2 = (runtime.read_checkpoint(p(name)) for name in (full, resumed, repeat))
         moved = (flat(w) - flat(at_kill)).norm().item() if at_kill else math.nan  # steps 5 and 6 of the full run
         off, repeat_off = ((flat(other) - flat(w)).norm().item() / moved for other in (r, w2))
         tol = max(TOL["resume"], 2 * repeat_off)  # the measured spread of two uninterrupted bf16 runs
