@@ -45,7 +45,7 @@ def resolution(T, size):
 
 
 def group(pt):
-    """(frames, "S-B", size): a point's encoder-decoder sizes and resolution."""
+    """(frames, "S-B", size) of a point."""
     name = vitok.ALIASES.get(pt["model"], pt["model"])
     return pt["num_frames"], name.split("/")[0], pt["image_size"]
 
@@ -102,8 +102,7 @@ def sweep_spreads(points):
 
 def sweep_sizes(points):
     """Findings 3-4 (Figs. 6-7): at one (resolution, p, c), each metric's change when only the
-    encoder or the decoder is larger (VIT_SIZES order); seeds averaged, <metric>_seeds their
-    largest spread."""
+    encoder or decoder is larger (VIT_SIZES order); seeds averaged, <metric>_seeds their spread."""
     groups, rank, rows = {}, list(vitok.VIT_SIZES).index, []
     for pt in points:
         T, pair, size = group(pt)
@@ -180,19 +179,21 @@ def plot_sweep(path, points, fits):
                 line = fit["intercept"] + fit["slope"] * np.log2(E)
                 ax.plot(E, np.exp(line) if fit["log_y"] else line, color=colour,
                         alpha=0.6, label=f"fit{name}: R$^2$ {r2}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log" if metric in LOG_Y else "linear")
-        ax.set_xlabel("E = L x c (floats in the latent)")
-        ax.set_ylabel(SWEEP_METRICS[metric])
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        axes(ax, SWEEP_METRICS[metric], metric in LOG_Y)
     fig.savefig(path, dpi=120)
     return True
 
 
+def axes(ax, label, log_y=False):
+    """Every scaling plot's axes."""
+    ax.set(yscale="log" if log_y else "linear", ylabel=label, xlabel="E = L x c (latent floats)")
+    ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def report(points, plot=None, json_path=None):
-    """Rank 0, all points evaluated: the table, fits, spreads and size effects; the plot; the
-    JSON."""
+    """Rank 0, all points evaluated: table, fits, spreads, size effects; plot; JSON."""
     if len({pt["data"] for pt in points}) > 1:
         print("note: the points were evaluated on different data (no --data: each on its "
               "training source)")

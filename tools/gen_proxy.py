@@ -104,11 +104,7 @@ def plot_generation(path, rows):
             mine = sorted((row["E"], row[s]) for row in rows if row["p"] == p and s in row)
             if mine:
                 ax.plot(*zip(*mine), marker="osD^vP*Xh<>"[k % 11], label=f"p={p}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("E = L x c (floats in the latent)")
-        ax.set_ylabel(SCORES[s])
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        sweep.axes(ax, SCORES[s])
     fig.savefig(path, dpi=120)
     return True
 
