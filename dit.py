@@ -81,8 +81,7 @@ class DiT(nn.Module):
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, 2 * channels)  # epsilon and v (learned sigma)
-        # DiT's init: xavier-uniform linears with zero bias, N(0, 0.02) for the label table and the
-        # timestep MLP, and zero modulation and output layers (adaLN-Zero).
+        # DiT's init (adaLN-Zero: zero modulation and output layers).
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -136,10 +135,9 @@ def drop_labels(y, num_classes, u, prob=0.1):
 def forward_with_cfg(model, x, t, y, cfg_scale):
     """The model's output [B,L,2c] for x [B,L,c], t [B], labels y [B] under classifier-free
     guidance: eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, Eq. 6 with s = 1 + w), v from
-    the conditional half (as DiT). Both halves run as one doubled batch; scale 1 is one plain call.
-    A function, not DiT's method, so that it also runs a torch.compile'd model. DiT guides only the
-    first 3 channels "for exact reproducibility"; we guide all c, the standard form (README,
-    Differences)."""
+    the conditional half (as DiT). A function, not DiT's method, so that it also runs a
+    torch.compile'd model. DiT guides only the first 3 channels "for exact reproducibility"; we
+    guide all c, the standard form (README, Differences)."""
     if cfg_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
@@ -230,8 +228,7 @@ def training_losses(model, x0, y, t=None, noise=None):
     KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the decoder NLL -log p(x0|x1) at t = 0,
     with the predicted mean stopped so that L_vb only trains the variance (IDDPM §3.1). Its weight
     is 1, as DiT's: IDDPM's lambda = 0.001 weighs L_vb summed over the 1000 terms, and one
-    uniformly drawn term estimates that sum / 1000. Both terms are means over tokens and channels.
-    Returns batch means {"loss", "mse", "vb"}."""
+    uniformly drawn term estimates that sum / 1000. Returns batch means {"loss", "mse", "vb"}."""
     x0 = x0.float()
     t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), device=x0.device) if t is None else t
     noise = torch.randn_like(x0) if noise is None else noise.float()

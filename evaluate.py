@@ -273,10 +273,16 @@ def noise_and_labels(indices, shape, num_classes, seed, balanced=False):
     return z, torch.tensor(y), noise
 
 
-def open_shard(path, rank, rows, shape, dtype=np.uint8):
-    """This rank's rows of the future `path` (.npz): a memory-mapped .npy beside it."""
-    return np.lib.format.open_memmap(f"{path}.rank{rank}.npy", mode="w+", dtype=dtype,
-                                     shape=(rows, *shape))
+def open_shard(path, rank, rows, shape, run=None):
+    """This rank's rows of the future `path` (.npz): a memory-mapped .npy beside it, and how many
+    are done: a rerun of the same `run` continues where a crash left it (its .json says)."""
+    npy, done = f"{path}.rank{rank}.npy", 0
+    if run is not None and os.path.exists(npy + ".json"):
+        with open(npy + ".json") as f:
+            saved = json.load(f)
+        done = saved["done"] if saved["run"] == run else 0
+    return np.lib.format.open_memmap(npy, mode="r+" if done else "w+", dtype=np.uint8,
+                                     shape=(rows, *shape)), done
 
 
 def join_shards(path, n, world, block=256, head=16):
@@ -296,7 +302,9 @@ def join_shards(path, n, world, block=256, head=16):
                     first = rows[:head].copy()
     os.replace(f"{path}.tmp", path)  # complete or absent, never half-written
     for r in range(world):
-        os.remove(f"{path}.rank{r}.npy")
+        for f in (f"{path}.rank{r}.npy", f"{path}.rank{r}.npy.json"):
+            if os.path.exists(f):
+                os.remove(f)
     return first
 
 
@@ -351,21 +359,31 @@ def evaluate_generator(ckpt, name, source, opts, rank, world, device):
               f"samples, {opts['sample_steps']} DDIM steps, cfg {cfg_scale}, {K} classes "
               f"({labels}), {opts['precision']}", flush=True)
     out = opts["samples"] or os.path.splitext(name)[0] + "_samples.npz"
-    rows = open_shard(out, rank, len(mine), (*size, 3))  # N(T)HWC
+    run = dict(ckpt=os.path.abspath(name), step=ckpt.get("step"), n=n, world=world,
+               **{k: opts[k] for k in ("seed", "sample_steps", "cfg_scale", "eta", "precision",
+                                       "balanced_labels")})
+    rows, done = open_shard(out, rank, len(mine), (*size, 3), run)  # N(T)HWC
     sums, batch = Sums(device), opts["batch_size"]
     for start in tqdm(range(0, len(mine), batch), desc="sample", disable=rank != 0):
         indices = mine[start:start + batch]
-        z, y, noise = noise_and_labels(indices, (math.prod(config["grid"]), config["channels"]),
-                                       K, opts["seed"], opts["balanced_labels"])
-        with autocast(device, opts["precision"]):
-            latents = dit.sample(model, z.to(device), y.to(device), steps=opts["sample_steps"],
-                                 cfg_scale=cfg_scale, eta=opts["eta"], noise=noise)
-            x = ae.decode(latents / config["latent_scale"], size)
-        x8 = to_uint8(x.float())
-        add_features(sums, nets, "gen", x8 / 127.5 - 1, indices, n, opts["video_fid"],
-                     opts["is_splits"])
-        rows[start:start + len(indices)] = x8.to(torch.uint8).movedim(1, -1).cpu().numpy()
-    rows.flush()
+        if start + len(indices) <= done:  # drawn before a crash: read back
+            x8 = torch.from_numpy(rows[start:start + len(indices)]).movedim(-1, 1).float()
+        else:
+            z, y, noise = noise_and_labels(indices, (math.prod(config["grid"]),
+                                           config["channels"]), K, opts["seed"],
+                                           opts["balanced_labels"])
+            with autocast(device, opts["precision"]):
+                latents = dit.sample(model, z.to(device), y.to(device), noise=noise,
+                                     steps=opts["sample_steps"], cfg_scale=cfg_scale,
+                                     eta=opts["eta"])
+                x8 = to_uint8(ae.decode(latents / config["latent_scale"], size).float())
+            rows[start:start + len(indices)] = x8.to(torch.uint8).movedim(1, -1).cpu().numpy()
+            rows.flush()
+            with open(f"{out}.rank{rank}.npy.json.tmp", "w") as f:
+                json.dump(dict(run=run, done=start + len(indices)), f)
+            os.replace(f"{out}.rank{rank}.npy.json.tmp", f"{out}.rank{rank}.npy.json")
+        add_features(sums, nets, "gen", x8.to(device) / 127.5 - 1, indices, n,
+                     opts["video_fid"], opts["is_splits"])
     del rows
     s, ref = sums.reduce(), {}
     if nets:
@@ -451,8 +469,7 @@ def main(args):
     if kind == "ae":
         source = args.data or ckpt["config"]["data"]  # "synthetic" has a separate eval stream
         if args.data is None and rank == 0:
-            print(f"no --data: evaluating on the training source {source} (pass --data for "
-                  f"held-out images)")
+            print(f"no --data: the training source {source} (--data for held-out images)")
         protocol.update(ssim_form=args.ssim, psnr_pooled_form="MSE of the whole set")
     else:
         source = args.data
@@ -496,9 +513,9 @@ def parse_args(argv=None):
         "3 for --save-ref: 8 fps of UCF-101's 25, as the paper)")
     add("--split-file", help="only the files this list names (UCF-101: testlist01[.txt])")
     add("--ssim", choices=["paper", "valid"], default="paper",
-        help="paper: reflect-padded, every pixel (torchmetrics, the paper's code); valid: Wang's")
+        help="paper: padded, every pixel (torchmetrics, the paper's code); valid: Wang's")
     add("--video-fid", choices=["per-frame", "pooled"], default="per-frame",
-        help="video FID: one per frame index, averaged (the paper's code), or all frames pooled")
+        help="one FID per frame index, averaged (the paper's code), or all frames pooled")
     add("--batch-size", type=int, default=32, help="per rank")
     add("--workers", type=int, default=4, help="loader workers per rank (<= cores)")
     add("--precision", choices=["bf16", "fp32"], help="GPU autocast (default: bf16 for tokenizers, "
@@ -508,8 +525,7 @@ def parse_args(argv=None):
     add("--sample-steps", type=int, default=250, help="DiT: DDIM steps (default 250)")
     add("--eta", type=float, default=1.0, help="DiT: DDIM eta (the official "
         "code's 1; 0: deterministic)")
-    add("--balanced-labels", action="store_true",
-        help="DiT: class i mod K for sample i (default: uniform at random, as DiT)")
+    add("--balanced-labels", action="store_true", help="DiT: class i mod K (default: random)")
     add("--seed", type=int, default=0, help="DiT: seed of the noise and labels")
     add("--ref", help="DiT: reference statistics .npz (mu, sigma; mu_i3d, sigma_i3d), e.g. ADM's")
     add("--num-ref", type=int, help="DiT/--save-ref: at most this many reference samples")

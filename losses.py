@@ -64,9 +64,9 @@ class LPIPS(nn.Module):
         with reduce=False. LPIPS (Zhang et al. 2018, Eq. 1): sum over VGG layers l of the spatial
         mean of w_l . (f_l(x_hat) - f_l(x))^2, with f_l unit-normalised over channels.
 
-        Both images go through the VGG trunk as one batch, in bf16 when precision is "bf16" (the
-        trunk is about 40% of a stage-1 step's FLOPs at 256^2); normalisation, differences and
-        heads stay in fp32, for the unit-normalised features' precision."""
+        The VGG trunk in bf16 when precision is "bf16" (about 40% of a stage-1 step's FLOPs at
+        256^2); normalisation, differences and heads in fp32, for the unit-normalised features'
+        precision."""
         a, b = frames_to_batch(x_hat).float(), frames_to_batch(x).float()  # [N,3,H,W]
         both = self.net.scaling_layer(torch.cat([a, b])).contiguous(
             memory_format=torch.channels_last)
@@ -127,9 +127,9 @@ def disc_channels(image_size, max_channels=512):
 
 class Discriminator(nn.Module):
     """x [B,3,H,W] (or video [B,3,T,H,W], frames folded) -> logits [N]. The width doubles with each
-    halving, from base_channels at full resolution (default: disc_channels(image_size)) up to 512,
-    down to 4x4 (six blocks at 256^2, five at 128^2), then conv3x3, flatten, Linear, Linear.
-    Xavier-uniform init, as the official code; channels_last, as LPIPS."""
+    halving, from base_channels at full resolution up to 512, down to 4x4 (six blocks at 256^2,
+    five at 128^2), then conv3x3, flatten, Linear, Linear. Xavier-uniform init, as the official
+    code; channels_last, as LPIPS."""
 
     def __init__(self, image_size=256, base_channels=None, max_channels=512):
         super().__init__()

@@ -1,6 +1,6 @@
-"""What the three scripts share at run time, so that none imports another: ranks, precision,
-per-step randomness, flags, checkpoints (the one reader, which the model files use too), EMA, the
-interval log, and a user's mistake as one line. No field of one trainer is named here.
+"""What the three scripts share, so that none imports another: ranks, precision, per-step
+randomness, flags, checkpoints (the one reader, the model files' too), EMA, the interval log, a
+user's mistake as one line. No trainer's field is named here.
 """
 import argparse
 import contextlib
@@ -25,7 +25,7 @@ class UserError(ValueError):
 
 
 def run_main(main, args, script):
-    """Run a script's main(args); a UserError becomes `script: error: ...` on rank 0, exit 2."""
+    """main(args); a UserError: `script: error: ...` on rank 0, exit 2."""
     try:
         main(args)
     except UserError as err:
@@ -41,7 +41,7 @@ def setup_distributed():
     """One code path for 1..N ranks: under torchrun (RANK/WORLD_SIZE set) join the group, NCCL on
     GPU and gloo on CPU (or $VITOK_BACKEND: tools/gpu_check.py runs 2 ranks on one GPU over
     gloo); alone, rank 0 of 1. TF32 matmuls on GPU (App. A trains with them).
-    Returns (rank, world_size, device)."""
+    -> (rank, world_size, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
@@ -70,9 +70,8 @@ CPU_BF16 = False  # set by tools/gpu_check.py --tiny only: its bf16 tolerances t
 
 
 def autocast(device, precision):
-    """The one precision context: bf16 autocast on GPU around forward passes; fp32 (a null
-    context) on CPU or with --precision fp32. The paper found bf16 and fp32 tokenizers equally
-    good (App. A)."""
+    """The one precision context: bf16 autocast on GPU, else fp32 (a null context). The paper
+    found bf16 and fp32 tokenizers equally good (App. A)."""
     if precision == "bf16" and (device.type == "cuda" or CPU_BF16):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -94,13 +93,13 @@ def download(url, path):
 
 
 def step_generator(seed, step, device):
-    """A step's random numbers come from a generator seeded by (seed, step), drawn for the whole
-    GLOBAL batch; rank r takes rows r, r + world, ..., the samples data.infinite_loader gives it.
-    A run is then the same for any number of ranks and resumes without replaying streams."""
+    """The (seed, step) generator of a step's random numbers, drawn for the whole GLOBAL batch;
+    rank r takes rows r, r + world, ..., the samples data.infinite_loader gives it. A run is then
+    the same for any number of ranks and resumes without replaying streams."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
-# ---- Flags: every entry of a defaults dict that has a help line; presets override defaults ----
+# ---- Flags ----
 def parse_flags(description, defaults, presets, helps, argv=None):
     """argparse over the entries of `defaults` named in `helps`. A help is its text, or (text,
     argparse options) for a flag whose default (None) does not give its type or that has choices.
@@ -140,7 +139,7 @@ def merge(args, defaults, presets, kind):
     return {**defaults, **presets.get(args.preset, {}), **flags, "kind": kind}
 
 
-# ---- Checkpoints: plain dicts of state dicts, step, config and RNG; config["kind"] says whose ----
+# ---- Checkpoints: config["kind"] says whose ----
 KINDS = {"ae": "a tokenizer checkpoint (train_ae.py)", "dit": "a DiT checkpoint (train_dit.py)"}
 
 
@@ -153,7 +152,7 @@ def save_folder(folder, weights, config):
 
 
 def read_folder(folder):
-    """A save_folder folder as a checkpoint dict (read_checkpoint's, for a folder)."""
+    """A save_folder folder as read_checkpoint's dict."""
     with open(f"{folder}/config.json") as f:
         config = json.load(f)
     return {"config": config, "model": load_file(f"{folder}/model.safetensors"),
@@ -196,8 +195,8 @@ def weights_key(ckpt):
 
 
 def load_weights(model, ckpt, name):
-    """The checkpoint's weights_key weights into `model`; weights that do not fit the model its
-    config names (a damaged or hand-made file) are a UserError naming the file and tensor."""
+    """The checkpoint's weights_key weights into `model`; misfits (a damaged or hand-made file)
+    are a UserError naming the file and tensor."""
     weights, ours, config = ckpt[weights_key(ckpt)], model.state_dict(), ckpt["config"]
     for k in sorted(ours.keys() | weights.keys()):
         want, got = ([*d[k].shape] if k in d else None for d in (ours, weights))
@@ -292,7 +291,7 @@ class TrainingRun:
     def resume(self, stateful, same):
         """Load every state dict of the checkpoint found at --ckpt (by key) after checking that
         its `same` config entries equal this run's; then each rank draws from its own stream (an
-        interrupted run's RNG continues). The checkpoint is not kept in memory after this."""
+        interrupted run's RNG continues)."""
         if self.state:
             missing = sorted(set(stateful) - set(self.state))
             if missing:
@@ -311,7 +310,7 @@ class TrainingRun:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"])
-        self.state = None  # 2-11 GB per rank at full scale
+        self.state = None  # freed: 2-11 GB per rank at full scale
 
     def compile(self, module):
         return torch.compile(module) if module is not None and self.config["compile"] else module

@@ -23,7 +23,7 @@ import vitok
 from runtime import UserError, autocast, step_generator
 
 # The paper's stage-1 ImageNet run (§3.2, App. A): every constant of the recipe is here, and every
-# entry with a help line below is also a flag. Presets override entries; flags override presets.
+# entry with a help line below is also a flag.
 DEFAULTS = dict(
     stage=1, model="S-B/16", channels=16, data=None, image_size=256, num_frames=1,
     frame_stride=3, split_file=None,  # video: 8 fps on UCF-101's 25 fps; its official train list
@@ -185,7 +185,6 @@ def train_step(parts, step, x, config, rank=0, world=1):
 
 def main(args):
     config = resolve(args)
-    # Joins the ranks, finds the checkpoint to resume from, seeds the initial weights.
     run = runtime.TrainingRun(config)
     device, seed = run.device, config["seed"]
 
@@ -196,14 +195,13 @@ def main(args):
         lpips = losses.LPIPS(precision=precision).to(device)
     init = stage1_weights(config) if config["stage"] == 2 and run.state is None else None
     parts = build(config, device, lpips, init)
-    # Resume, then compile and wrap for DDP; the raw modules stay for EMA, grids and checkpoints.
+    # The raw modules stay for EMA, grids and checkpoints.
     run.resume(parts.stateful, same=("kind", "stage", "model", "channels", "num_frames"))
     parts.model_fwd = run.ddp(run.compile(parts.model))
     if parts.disc is not None:
         parts.disc_fwd = run.compile(parts.disc)
         parts.disc_ddp = run.ddp(parts.disc_fwd)
 
-    # Each rank loads its share of the global batch; a resumed run starts where it stopped.
     dataset = data.build_dataset(config["data"], config["image_size"], config["num_frames"],
                                  train=True, frame_stride=config["frame_stride"],
                                  split_file=config["split_file"])

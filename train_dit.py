@@ -99,11 +99,9 @@ def resolve(args):
 
 def main(args):
     config, ae = resolve(args)
-    # Joins the ranks, finds the checkpoint to resume from, seeds the initial weights.
     run = runtime.TrainingRun(config)
     device = run.device
 
-    # The frozen tokenizer's latents: encoded on the fly, or read from the latent cache.
     ae = ae.to(device)
     # Centre crops (train=False) as DiT, flipped by the step. Clips start at random frames, as
     # the authors' and UCF-101 generators train (from each sample's key: rank-invariant,
@@ -122,13 +120,12 @@ def main(args):
     if dataset.num_classes == 0:
         run.print0("unlabelled data: training with the null class only (unconditional)")
 
-    # Build, resume, compile, wrap; the raw modules stay for EMA, samples and checkpoints.
+    # The raw modules stay for EMA, samples and checkpoints.
     parts = build(config, device, ae)
     # A checkpoint of another DiT, tokenizer grid or label set is refused, never half-loaded.
     run.resume(parts.stateful, same=("kind", "model", "channels", "grid", "num_classes"))
     parts.model_fwd = run.ddp(run.compile(parts.model))
 
-    # Each rank loads its share of the global batch; a resumed run starts where it stopped.
     loader = data.infinite_loader(dataset, run.batch, run.rank, run.world, config["seed"],
                                   start_step=run.start, num_workers=config["workers"])
     millions = sum(p.numel() for p in parts.model.parameters()) / 1e6
@@ -170,8 +167,7 @@ def train_step(parts, step, x, y, config, rank=0, world=1):
     device, gb, precision = x.device, config["global_batch_size"], config["precision"]
     runtime.set_lr(parts.opt, step, config)
     L, c, mine = math.prod(config["grid"]), config["channels"], slice(rank, None, world)
-    # Every random number of the step is drawn for the global batch from one (seed, step)
-    # generator; this rank takes the rows of its samples, as the loader deals them.
+    # Drawn for the global batch (step_generator); this rank takes its samples' rows.
     gen = step_generator(config["seed"], step, device)
     flip = torch.rand(gb, generator=gen, device=device)[mine] < 0.5  # DiT's random flip
     posterior_noise = torch.randn(gb, L, c, generator=gen, device=device)[mine]

@@ -63,7 +63,6 @@ def rope_table(grid, head_dim, device, theta=10000.0):
             pos = torch.arange(size, dtype=dtype, device=device)
             angles.append(pos[:, None] * freqs)  # [size, n]
         t, h, w = grid
-        # each axis broadcast over the grid, flattened in (t,h,w) raster order
         angle = torch.cat([
             angles[0][:, None, None, :].expand(t, h, w, -1),
             angles[1][None, :, None, :].expand(t, h, w, -1),
@@ -270,9 +269,8 @@ class ViTok(nn.Module):
 
 
 def frames_to_batch(x):
-    """Video [B,3,T,H,W] -> frames [B*T,3,H,W] (clip-major: the frames of clip 0 come first);
-    images pass unchanged. Per-frame losses and metrics (LPIPS, discriminator, PSNR/SSIM,
-    Inception) fold frames this way."""
+    """Video [B,3,T,H,W] -> frames [B*T,3,H,W], clip-major; images pass unchanged. Per-frame
+    losses and metrics (LPIPS, discriminator, PSNR/SSIM, Inception) fold frames this way."""
     return x.transpose(1, 2).flatten(0, 1) if x.dim() == 5 else x
 
 

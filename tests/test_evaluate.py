@@ -295,7 +295,8 @@ def test_joined_samples_are_in_sample_order_in_constant_memory(tmp_path):
     samples = np.random.default_rng(0).integers(0, 256, (1001, 4, 16, 16, 3), dtype=np.uint8)  # 3 MB of clips
     path, world = str(tmp_path / "s.npz"), 3
     for r in range(world):
-        shard = evaluate.open_shard(path, r, len(range(r, 1001, world)), samples.shape[1:])
+        shard, done = evaluate.open_shard(path, r, len(range(r, 1001, world)), samples.shape[1:])
+        assert done == 0
         shard[:] = samples[r::world]
         shard.flush()
         del shard
@@ -415,6 +416,43 @@ def test_dit_checkpoint_samples_and_scores(ae_ckpt, fid_file, tmp_path, monkeypa
     assert not [f for f in os.listdir(tmp_path) if ".rank" in f or f.endswith(".tmp")]  # shards removed
 
 
+def test_sampling_killed_midway_continues_where_it_stopped(ae_ckpt, tmp_path, monkeypatch):
+    """A crash after two of four batches: the same command again draws only the last two, and the samples and scores
+    equal an uninterrupted run's (the scores are computed from them); another seed starts over."""
+    model = dit.DiT_models["DiT-tiny"](channels=4, grid=(1, 4, 4), num_classes=10)
+    config = {"kind": "dit", "model": "DiT-tiny", "ae_ckpt": str(ae_ckpt), "channels": 4, "grid": [1, 4, 4],
+              "num_classes": 10, "image_size": 32, "num_frames": 1, "latent_scale": 1.0}
+    torch.save({"model": model.state_dict(), "step": 1, "config": config}, tmp_path / "dit.pt")
+    argv = ["--ckpt", tmp_path / "dit.pt", "--num-samples", 7, "--batch-size", 2, "--sample-steps", 2, "--workers", 0,
+            "--inception-weights", tmp_path / "none.pth"]
+    run(*argv, "--samples", tmp_path / "full.npz", "--json", tmp_path / "full.json")
+    real, calls = dit.sample, []
+
+    def crash_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dit, "sample", crash_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv, "--samples", tmp_path / "again.npz")
+    calls.clear()
+    monkeypatch.setattr(dit, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(*argv, "--samples", tmp_path / "again.npz", "--json", tmp_path / "again.json")
+    assert len(calls) == 2  # batches 3 and 4 only
+    full, again = (np.load(tmp_path / f)["arr_0"] for f in ("full.npz", "again.npz"))
+    assert np.array_equal(full, again)
+    monkeypatch.setattr(dit, "sample", crash_at_third)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv, "--samples", tmp_path / "seed.npz")
+    calls.clear()
+    monkeypatch.setattr(dit, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(*argv, "--samples", tmp_path / "seed.npz", "--seed", 1)
+    assert len(calls) == 4  # another run: nothing reused
+
+
 def test_generator_draws_50k_images_and_10k_clips_by_default(ae_ckpt, tmp_path, monkeypatch):
     """--num-samples unset: 50,000 images (ADM's reference), 10,000 clips (UCF-101 gFVD, as MAGVIT and LARP)."""
     torch.manual_seed(0)
@@ -424,7 +462,7 @@ def test_generator_draws_50k_images_and_10k_clips_by_default(ae_ckpt, tmp_path, 
     class Drawn(Exception):
         pass
 
-    def drawn(path, rank, rows, shape):  # stop where the samples' file is opened
+    def drawn(path, rank, rows, shape, run):  # stop where the samples' file is opened
         raise Drawn(rows)
 
     monkeypatch.setattr(evaluate, "open_shard", drawn)
