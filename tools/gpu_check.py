@@ -261,11 +261,11 @@ def batch_for(cfg, batch):
 
 
 def latents_for(cfg):
-    """A latent-cache batch: moments [B,2,L,2c] of an image and its mirror (fp32, as LatentCache gives them) and
-    labels [B], fixed."""
+    """A latent-cache batch: moments [B,1,2,L,2c] of an image and its mirror in its one temporal window (fp32, as
+    LatentCache gives them) and labels [B], fixed."""
     B, L, c = cfg["batch"], math.prod(cfg["grid"]), 16
     g = torch.Generator().manual_seed(1)
-    mean, logvar = torch.randn(B, 2, L, c, generator=g), torch.full((B, 2, L, c), -4.0)
+    mean, logvar = torch.randn(B, 1, 2, L, c, generator=g), torch.full((B, 1, 2, L, c), -4.0)
     labels = torch.randint(0, cfg["classes"], (B,), generator=g)
     return torch.cat([mean, logvar], -1).to(S.device), labels.to(S.device)
 
