@@ -69,17 +69,17 @@ def cleanup_distributed():
 CPU_BF16 = False  # set by tools/gpu_check.py --tiny only: its bf16 tolerances tested on a CPU
 
 
+def precision_used(device, precision):
+    """What autocast runs in: the CPU runs fp32 (but for the GPU check's CPU_BF16)."""
+    return precision if device.type == "cuda" or CPU_BF16 else "fp32"
+
+
 def autocast(device, precision):
     """The one precision context: bf16 autocast on GPU, else fp32 (a null context). The paper
     found bf16 and fp32 tokenizers equally good (App. A)."""
-    if precision == "bf16" and (device.type == "cuda" or CPU_BF16):
+    if precision_used(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def precision_used(device, precision):
-    """What autocast runs in."""
-    return precision if device.type == "cuda" or CPU_BF16 else "fp32"
 
 
 def download(url, path):
