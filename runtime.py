@@ -66,6 +66,7 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+THREADS = torch.get_num_threads()  # torch's default: the physical cores
 CPU_BF16 = False  # set by tools/gpu_check.py --tiny only: its bf16 tolerances tested on a CPU
 
 
@@ -263,6 +264,9 @@ class TrainingRun:
     def __init__(self, config):
         self.config = config
         self.rank, self.world, self.device = setup_distributed()
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # A core to each data worker, the rest to the step (README, Speed)
+            torch.set_num_threads(max(1, THREADS - config["workers"]))
         gb = config["global_batch_size"]
         if gb % self.world:
             raise UserError(f"--global-batch-size {gb} does not split over {self.world} ranks")

@@ -29,6 +29,24 @@ def test_ema_update_is_an_exponential_average_with_warmup():
     assert runtime.ema_decay(10 ** 6, 0.9999, 10) == 0.9999 and runtime.ema_decay(0, 0.99, 0) == 0.99
 
 
+def test_a_cpu_run_leaves_a_core_to_each_data_worker(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "THREADS", 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    config = dict(global_batch_size=2, ckpt=str(tmp_path / "run.pt"), kind="ae",
+                  out_dir=str(tmp_path), seed=0)
+    try:
+        for workers, expected in ((2, 6), (0, 8), (8, 1), (12, 1)):
+            runtime.TrainingRun(dict(config, workers=workers))
+            assert torch.get_num_threads() == expected
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stays
+        torch.set_num_threads(3)
+        runtime.TrainingRun(dict(config, workers=2))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_flags_take_their_type_choices_and_presets():
     defaults = dict(size=None, lr=0.1, on=False, mode="a")
     helps = {"size": ("a count", dict(type=int)), "lr": "rate", "on": "switch",
