@@ -51,9 +51,14 @@ def train_classifier(size, steps, seed=0, workers=2):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    held_out = data.build_dataset("synthetic", size)
-    xs, ys = zip(*[held_out[i] for i in range(500)])
-    return net.eval(), accuracy(net, torch.stack(xs), torch.tensor(ys))
+    return net.eval(), accuracy(net, *held_out(size))
+
+
+def held_out(size, n=500):
+    """The first n held-out (eval) synthetic images and their labels."""
+    dataset = data.build_dataset("synthetic", size)
+    xs, ys = zip(*[dataset[i] for i in range(n)])
+    return torch.stack(xs), torch.tensor(ys)
 
 
 def main():
@@ -78,10 +83,9 @@ def main():
     ae = vitok.from_checkpoint(config["ae_ckpt"])
     # The tokenizer's ceiling: the same classifier on its reconstructions of held-out images (the
     # posterior mean). Samples cannot be classified better than what the decoder can draw.
-    held_out = data.build_dataset("synthetic", size)
-    xs, ys = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in (held_out[i] for i in range(500))]))
+    xs, ys = held_out(size)
     with torch.no_grad():
-        recon = ae.decode(ae.encode(xs).mean, (size, size)).clamp(-1, 1)
+        recon = ae(xs)[0].clamp(-1, 1)
     print(f"reconstructions: {accuracy(net, recon, ys):.1%} of the 500 held-out images classified as their "
           f"class after {config['ae_ckpt']} (the tokenizer's ceiling)")
     model = dit.from_checkpoint(ckpt, name=args.ckpt)
