@@ -63,7 +63,7 @@ PRESETS = {
     "dit": dict(betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0, final_lr=None),
     # CPU demo on train_ae.py --preset tiny's ae.pt: DiT's recipe at 1e-3 (8e-3 per 256).
     "tiny": dict(model="DiT-tiny", ae_ckpt="ae.pt", data="synthetic", global_batch_size=32,
-                 steps=1500, lr=8e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0,
+                 steps=3000, lr=8e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup=0.0,
                  final_lr=None, ema=0.999, precision="fp32", workers=2, log_every=50,
                  ckpt_every=500, sample_every=500),
 }

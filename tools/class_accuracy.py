@@ -66,7 +66,9 @@ def main():
     p.add_argument("--ckpt", default="dit.pt")
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5, 4.0],
+                   help="guidance scales, each on the same noise (1.5: DiT's FID scale; 4: train_dit.py's grids)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1: evaluate.py's default, the official code's)")
     p.add_argument("--train-steps", type=int, default=300, help="classifier steps")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -91,13 +93,15 @@ def main():
     model = dit.from_checkpoint(ckpt, name=args.ckpt)
     y = torch.arange(10).repeat_interleave(args.per_class)
     L = config["grid"][0] * config["grid"][1] * config["grid"][2]
-    z = torch.randn(len(y), L, config["channels"], generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        latents = dit.sample(model, z, y, steps=args.sample_steps, cfg_scale=args.cfg_scale, progress=True)
-        samples = ae.decode(latents / config["latent_scale"], (size, size)).clamp(-1, 1)
-    acc = accuracy(net, samples, y)
-    print(f"samples: {acc:.1%} of {len(y)} class-conditional samples classified as their class "
-          f"(chance 10%; cfg {args.cfg_scale}, {args.sample_steps} DDIM steps, {args.ckpt} at step {ckpt['step']})")
+    for cfg_scale in args.cfg_scale:
+        torch.manual_seed(0)  # the same noise (the start and eta's) at every scale
+        z = torch.randn(len(y), L, config["channels"], generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            latents = dit.sample(model, z, y, steps=args.sample_steps, cfg_scale=cfg_scale, eta=args.eta, progress=True)
+            samples = ae.decode(latents / config["latent_scale"], (size, size)).clamp(-1, 1)
+        print(f"samples: {accuracy(net, samples, y):.1%} of {len(y)} class-conditional samples classified as their "
+              f"class (chance 10%; cfg {cfg_scale}, {args.sample_steps} DDIM steps, eta {args.eta}, {args.ckpt} at "
+              f"step {ckpt['step']})")
 
 
 if __name__ == "__main__":
