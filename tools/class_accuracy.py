@@ -1,8 +1,9 @@
 """Are a DiT's samples of the class they were asked for? (A measurement, not collected by pytest.)
 
 Trains a small CNN on the synthetic images, checks it on held-out synthetic images, then classifies class-conditional
-samples of a train_dit.py checkpoint on synthetic data and prints their accuracy against chance (10%). The same
-classifier scores the generation study (tools/gen_proxy.py).
+samples of a train_dit.py checkpoint on synthetic data and prints their accuracy against chance (10%), at each guidance
+scale (by default DiT's FID scale 1.5 and the 4 of train_dit.py's grids: guidance is what makes a sample of its class),
+and the tokenizer's ceiling. The same classifier scores the generation study (tools/gen_proxy.py).
 
     python train_ae.py --preset tiny && python train_dit.py --preset tiny
     python tools/class_accuracy.py --ckpt dit.pt
