@@ -201,21 +201,24 @@ def test_gen_proxy_scores_samples_of_a_toy_dit(toy_dit, tmp_path, monkeypatch, c
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_class_accuracy_scores_each_guidance_scale(toy_dit, tmp_path, monkeypatch, capsys):
-    """One accuracy per --cfg-scale, that of the classifier on the DDIM samples (eta as passed) of the same noise at
-    that scale, decoded by the checkpoint's tokenizer; first, on the tokenizer's reconstructions (its ceiling)."""
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_class_accuracy_scores_each_guidance_scale(toy_dit, tmp_path, monkeypatch, capsys, eta):
+    """One accuracy per --cfg-scale, that of the classifier on the DDIM samples (eta as passed, the same noise at every
+    scale) of that scale, unscaled and decoded by the checkpoint's tokenizer into [-1, 1]; first, on the tokenizer's
+    reconstructions of held-out shapes (its reference)."""
     ckpt = runtime.read_checkpoint(toy_dit)
     torch.manual_seed(0)  # a DiT that does not predict zero (adaLN-Zero's init would make every scale alike)
     ckpt["ema"] = {k: v + 0.3 * torch.randn_like(v) for k, v in ckpt["ema"].items()}
+    ckpt["config"]["latent_scale"] = 2.0
     torch.save(ckpt, tmp_path / "dit.pt")
     net, scored = class_accuracy.classifier().eval(), []
     monkeypatch.setattr(class_accuracy, "train_classifier", lambda *a, **k: (net, 0.1))
     monkeypatch.setattr(class_accuracy, "accuracy", lambda net, x, y: scored.append((x, y)) or 0.25)
     monkeypatch.setattr(sys, "argv", ["class_accuracy.py", "--ckpt", str(tmp_path / "dit.pt"), "--per-class", "2",
-                                      "--sample-steps", "3", "--cfg-scale", "1", "6", "--eta", "0"])
+                                      "--sample-steps", "3", "--cfg-scale", "1", "6", "--eta", str(eta)])
     class_accuracy.main()
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("samples: 25.0%")]
-    assert len(shown) == 2 and "cfg 1.0" in shown[0] and "cfg 6.0" in shown[1] and "eta 0.0" in shown[0]
+    assert len(shown) == 2 and "cfg 1.0" in shown[0] and "cfg 6.0" in shown[1] and f"eta {eta}" in shown[0]
     model, ae = dit.from_checkpoint(ckpt), vitok.from_checkpoint(ckpt["config"]["ae_ckpt"])
     xs, ys = class_accuracy.held_out(32)
     with torch.no_grad():
@@ -223,9 +226,11 @@ def test_class_accuracy_scores_each_guidance_scale(toy_dit, tmp_path, monkeypatc
     y = torch.arange(10).repeat_interleave(2)
     z = torch.randn(20, 16, 4, generator=torch.Generator().manual_seed(1))
     for scale, (x, labels) in zip((1.0, 6.0), scored[1:], strict=True):
+        torch.manual_seed(0)  # eta's noise: the same draws at each scale
         with torch.no_grad():
-            expected = ae.decode(dit.sample(model, z, y, steps=3, cfg_scale=scale, eta=0.0), (32, 32)).clamp(-1, 1)
-        assert torch.allclose(x, expected, atol=1e-5) and torch.equal(labels, y)
+            latents = dit.sample(model, z, y, steps=3, cfg_scale=scale, eta=eta)
+            expected = ae.decode(latents / 2.0, (32, 32)).clamp(-1, 1)
+        assert torch.allclose(x, expected, atol=1e-5) and torch.equal(labels, y) and x.abs().max() <= 1
     assert not torch.allclose(scored[1][0], scored[2][0], atol=1e-3)
 
 

@@ -3,7 +3,7 @@
 Trains a small CNN on the synthetic images, checks it on held-out synthetic images, then classifies class-conditional
 samples of a train_dit.py checkpoint on synthetic data and prints their accuracy against chance (10%), at each guidance
 scale (by default DiT's FID scale 1.5 and the 4 of train_dit.py's grids: guidance is what makes a sample of its class),
-and the tokenizer's ceiling. The same classifier scores the generation study (tools/gen_proxy.py).
+and the tokenizer's reference score. The same classifier scores the generation study (tools/gen_proxy.py).
 
     python train_ae.py --preset tiny && python train_dit.py --preset tiny
     python tools/class_accuracy.py --ckpt dit.pt
@@ -84,13 +84,14 @@ def main():
     print(f"classifier: {real_acc:.1%} on 500 held-out synthetic images ({time.time() - start:.0f}s)")
 
     ae = vitok.from_checkpoint(config["ae_ckpt"])
-    # The tokenizer's ceiling: the same classifier on its reconstructions of held-out images (the
-    # posterior mean). Samples cannot be classified better than what the decoder can draw.
+    # The tokenizer's reference: the same classifier on its reconstructions of held-out images (the
+    # posterior mean): what the decoder makes of real shapes. Strongly guided samples can score higher
+    # (they are typical of their class); unguided ones rarely do.
     xs, ys = held_out(size)
     with torch.no_grad():
         recon = ae(xs)[0].clamp(-1, 1)
     print(f"reconstructions: {accuracy(net, recon, ys):.1%} of the 500 held-out images classified as their "
-          f"class after {config['ae_ckpt']} (the tokenizer's ceiling)")
+          f"class after {config['ae_ckpt']} (the tokenizer's reference)")
     model = dit.from_checkpoint(ckpt, name=args.ckpt)
     y = torch.arange(10).repeat_interleave(args.per_class)
     L = config["grid"][0] * config["grid"][1] * config["grid"][2]
