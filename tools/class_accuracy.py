@@ -95,9 +95,9 @@ def main():
     model = dit.from_checkpoint(ckpt, name=args.ckpt)
     y = torch.arange(10).repeat_interleave(args.per_class)
     L = config["grid"][0] * config["grid"][1] * config["grid"][2]
+    z = torch.randn(len(y), L, config["channels"], generator=torch.Generator().manual_seed(1))
     for cfg_scale in args.cfg_scale:
-        torch.manual_seed(0)  # the same noise (the start and eta's) at every scale
-        z = torch.randn(len(y), L, config["channels"], generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(0)  # the same noise (z and eta's draws) at every scale
         with torch.no_grad():
             latents = dit.sample(model, z, y, steps=args.sample_steps, cfg_scale=cfg_scale, eta=args.eta, progress=True)
             samples = ae.decode(latents / config["latent_scale"], (size, size)).clamp(-1, 1)
